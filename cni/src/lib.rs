@@ -1,1 +1,6 @@
-//! nodekit CNI
+//! nodekit's CNI side: the spec types ([`spec`]), the plugin skeleton ([`skel`]), the IPAM
+//! ([`ipam`]) behind `nodekit-ipam` and `nodekitctl`, and the `nodekit` plugin ([`plugin`]).
+
+pub mod ipam;
+pub mod skel;
+pub mod spec;

@@ -1,0 +1,432 @@
+//! Address assignment over an [`IpamState`]: own blocks first, then a newly claimed block,
+//! then a single address borrowed from another node's block; pure logic, run inside a
+//! datastore transaction so every decision is atomic.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use serde::Serialize;
+
+use super::model::{Block, Handle, IpamState, Pool};
+use super::IpamError;
+
+/// One address handed to an attachment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assigned {
+    /// The address with its block's prefix length.
+    pub address: IpNetwork,
+    /// The block gateway.
+    pub gateway: IpAddr,
+}
+
+/// How full a pool is, for messages, `ipam show` and STATUS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolUsage {
+    /// Pool name.
+    pub name: String,
+    /// Pool range.
+    pub cidr: IpNetwork,
+    /// Block prefix.
+    #[serde(rename = "blockSize")]
+    pub block_size: u8,
+    /// Whether new allocations are refused.
+    pub disabled: bool,
+    /// Addresses pods can get in the pool.
+    pub capacity: u128,
+    /// Addresses allocated.
+    pub used: u128,
+    /// Blocks claimed.
+    pub blocks: usize,
+    /// Allocations per node that made them.
+    #[serde(rename = "byNode")]
+    pub by_node: BTreeMap<String, u128>,
+}
+
+impl std::fmt::Display for PoolUsage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pool {} ({}, /{} blocks: {} usable, {} in use",
+            self.name, self.cidr, self.block_size, self.capacity, self.used
+        )?;
+        if !self.by_node.is_empty() {
+            let nodes: Vec<String> = self
+                .by_node
+                .iter()
+                .map(|(n, c)| format!("{n} {c}"))
+                .collect();
+            write!(f, " by node: {}", nodes.join(", "))?;
+        }
+        if self.disabled {
+            write!(f, "; disabled")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// Assigns one address per family of the candidate pools to `handle` (dual-stack when pools
+/// of both families apply). A handle that already holds addresses gets the same ones back.
+/// All-or-nothing: on error the caller's transaction is dropped, so nothing is held.
+pub fn assign(
+    state: &mut IpamState,
+    mut handle: Handle,
+    pool_names: Option<&[String]>,
+) -> Result<Vec<Assigned>, IpamError> {
+    if let Some(existing) = state.handles.get(&handle.id) {
+        return Ok(existing
+            .addresses
+            .iter()
+            .map(|a| assigned_from(state, *a))
+            .collect());
+    }
+    let candidates = candidate_pools(state, pool_names)?;
+    let mut assigned = Vec::new();
+    for v4 in [true, false] {
+        let family: Vec<Pool> = candidates.iter().filter(|p| p.is_v4() == v4).cloned().collect();
+        if family.is_empty() {
+            continue;
+        }
+        let got = assign_one(state, &family, &handle.node, &handle.id, v4)?;
+        handle.addresses.push(got.address);
+        assigned.push(got);
+    }
+    state.handles.insert(handle.id.clone(), handle);
+    Ok(assigned)
+}
+
+/// Releases every address of `handle_id`; returns the handle when it existed.
+pub fn release(state: &mut IpamState, handle_id: &str) -> Option<Handle> {
+    let handle = state.handles.remove(handle_id)?;
+    for addr in &handle.addresses {
+        let key = IpNetwork::new(addr.network(), addr.prefix())
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        if let Some(block) = state.blocks.get_mut(&key) {
+            if let Some(ordinal) = block.ordinal(addr.ip()) {
+                if block.allocations.get(&ordinal).map(String::as_str) == Some(handle_id) {
+                    block.allocations.remove(&ordinal);
+                }
+            }
+        }
+    }
+    Some(handle)
+}
+
+/// Usage of every pool, in name order.
+pub fn usage(state: &IpamState) -> Vec<PoolUsage> {
+    state
+        .pools
+        .values()
+        .map(|pool| {
+            let mut by_node: BTreeMap<String, u128> = BTreeMap::new();
+            let mut used = 0;
+            let mut blocks = 0;
+            for block in state.blocks.values().filter(|b| b.pool == pool.name) {
+                blocks += 1;
+                for handle_id in block.allocations.values() {
+                    used += 1;
+                    let node = state
+                        .handles
+                        .get(handle_id)
+                        .map(|h| h.node.clone())
+                        .unwrap_or_else(|| "?".into());
+                    *by_node.entry(node).or_default() += 1;
+                }
+            }
+            PoolUsage {
+                name: pool.name.clone(),
+                cidr: pool.cidr,
+                block_size: pool.block_size,
+                disabled: pool.disabled,
+                capacity: pool.capacity(),
+                used,
+                blocks,
+                by_node,
+            }
+        })
+        .collect()
+}
+
+/// Whether an ADD on `node` would find an address in every family of the candidate pools;
+/// the exhaustion error when not (STATUS reports it).
+pub fn check_available(
+    state: &IpamState,
+    node: &str,
+    pool_names: Option<&[String]>,
+) -> Result<(), IpamError> {
+    let mut probe = state.clone();
+    let handle = Handle {
+        id: "\0status-probe".into(),
+        network: String::new(),
+        container_id: String::new(),
+        ifname: String::new(),
+        node: node.to_string(),
+        netns: String::new(),
+        addresses: Vec::new(),
+    };
+    assign(&mut probe, handle, pool_names).map(|_| ())
+}
+
+/// Makes `pool` exist: a no-op when an identical pool is there, an error when its name or
+/// range clashes with another pool. `disabled` is taken from `pool` only when `set_disabled`.
+pub fn ensure_pool(state: &mut IpamState, pool: Pool, set_disabled: bool) -> Result<(), IpamError> {
+    for existing in state.pools.values() {
+        let conflict = |reason: String| IpamError::PoolConflict {
+            name: pool.name.clone(),
+            existing: existing.name.clone(),
+            reason,
+        };
+        if existing.name == pool.name {
+            if existing.cidr != pool.cidr || existing.block_size != pool.block_size {
+                return Err(conflict(format!(
+                    "it has cidr {} with /{} blocks, the request says {} with /{}",
+                    existing.cidr, existing.block_size, pool.cidr, pool.block_size
+                )));
+            }
+        } else if existing.cidr.is_ipv4() == pool.cidr.is_ipv4()
+            && (existing.cidr.contains(pool.cidr.network()) || pool.cidr.contains(existing.cidr.network()))
+        {
+            return Err(conflict(format!("{} overlaps {}", pool.cidr, existing.cidr)));
+        }
+    }
+    let disabled = if set_disabled {
+        pool.disabled
+    } else {
+        state.pools.get(&pool.name).is_some_and(|p| p.disabled)
+    };
+    state
+        .pools
+        .insert(pool.name.clone(), Pool { disabled, ..pool });
+    Ok(())
+}
+
+/// Removes an empty pool and its (empty) blocks.
+pub fn remove_pool(state: &mut IpamState, name: &str) -> Result<(), IpamError> {
+    if !state.pools.contains_key(name) {
+        return Err(IpamError::UnknownPool { name: name.to_string() });
+    }
+    let used: u128 = state
+        .blocks
+        .values()
+        .filter(|b| b.pool == name)
+        .map(|b| b.allocations.len() as u128)
+        .sum();
+    if used > 0 {
+        return Err(IpamError::PoolInUse { name: name.to_string(), used });
+    }
+    state.blocks.retain(|_, b| b.pool != name);
+    state.pools.remove(name);
+    Ok(())
+}
+
+fn candidate_pools(
+    state: &IpamState,
+    pool_names: Option<&[String]>,
+) -> Result<Vec<Pool>, IpamError> {
+    let pools: Vec<Pool> = match pool_names {
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                state.pools.get(n).cloned().ok_or_else(|| IpamError::UnknownPool {
+                    name: n.clone(),
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        None => state.pools.values().cloned().collect(),
+    };
+    if pools.is_empty() {
+        return Err(IpamError::NoPools);
+    }
+    Ok(pools)
+}
+
+fn assign_one(
+    state: &mut IpamState,
+    family: &[Pool],
+    node: &str,
+    handle_id: &str,
+    v4: bool,
+) -> Result<Assigned, IpamError> {
+    let enabled: Vec<&Pool> = family.iter().filter(|p| !p.disabled).collect();
+    let in_enabled = |b: &Block| enabled.iter().any(|p| p.name == b.pool);
+    // 1. A block this node already holds.
+    let own = state
+        .blocks
+        .values()
+        .filter(|b| b.affinity.as_deref() == Some(node) && in_enabled(b))
+        .find_map(|b| b.first_free().map(|o| (b.key(), o)));
+    // 2. Claim the lowest free block of an enabled pool.
+    let target = own.or_else(|| {
+        enabled.iter().find_map(|pool| {
+            let block = (0..pool.block_count())
+                .map(|i| pool.block_cidr(i))
+                .find(|cidr| !state.blocks.contains_key(&cidr.to_string()))?;
+            let block = Block::new(block, &pool.name, Some(node));
+            let key = block.key();
+            let ordinal = block.first_free()?;
+            state.blocks.insert(key.clone(), block);
+            Some((key, ordinal))
+        })
+    });
+    // 3. Borrow one address from any block with room.
+    let target = target.or_else(|| {
+        state
+            .blocks
+            .values()
+            .filter(|b| in_enabled(b))
+            .find_map(|b| b.first_free().map(|o| (b.key(), o)))
+    });
+    let Some((key, ordinal)) = target else {
+        let pools = usage(state)
+            .into_iter()
+            .filter(|u| family.iter().any(|p| p.name == u.name))
+            .collect();
+        return Err(IpamError::Exhausted {
+            family: if v4 { "IPv4" } else { "IPv6" },
+            node: node.to_string(),
+            pools,
+        });
+    };
+    let block = state
+        .blocks
+        .get_mut(&key)
+        .ok_or_else(|| IpamError::Corrupt {
+            reason: format!("block {key} vanished during assignment"),
+        })?;
+    block.allocations.insert(ordinal, handle_id.to_string());
+    let address = IpNetwork::new(block.address(ordinal), block.cidr.prefix()).map_err(|e| {
+        IpamError::Corrupt {
+            reason: format!("block {key}: {e}"),
+        }
+    })?;
+    Ok(Assigned {
+        address,
+        gateway: block.gateway(),
+    })
+}
+
+fn assigned_from(state: &IpamState, address: IpNetwork) -> Assigned {
+    let key = IpNetwork::new(address.network(), address.prefix())
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    let gateway = state
+        .blocks
+        .get(&key)
+        .map(Block::gateway)
+        .unwrap_or_else(|| address.network());
+    Assigned { address, gateway }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn state_with(pools: &[(&str, &str, u8)]) -> IpamState {
+        let mut state = IpamState::default();
+        for (name, cidr, bs) in pools {
+            let pool = Pool::new(name, cidr.parse().unwrap(), Some(*bs)).unwrap();
+            state.pools.insert(pool.name.clone(), pool);
+        }
+        state
+    }
+
+    fn handle(id: &str, node: &str) -> Handle {
+        Handle {
+            id: id.into(),
+            network: "net".into(),
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            node: node.into(),
+            netns: String::new(),
+            addresses: vec![],
+        }
+    }
+
+    #[test]
+    fn a_node_fills_its_block_then_claims_the_next() {
+        let mut state = state_with(&[("p", "10.0.0.0/24", 29)]);
+        let mut seen = HashSet::new();
+        for i in 0..7 {
+            let got = assign(&mut state, handle(&format!("h{i}"), "n1"), None).unwrap();
+            assert_eq!(got.len(), 1);
+            assert!(seen.insert(got[0].address.ip()), "duplicate {:?}", got[0]);
+        }
+        // 5 usable per /29: two blocks claimed, both with affinity n1.
+        assert_eq!(state.blocks.len(), 2);
+        assert!(state.blocks.values().all(|b| b.affinity.as_deref() == Some("n1")));
+        let first = assign(&mut state, handle("h0", "n1"), None).unwrap();
+        assert_eq!(first[0].address.to_string(), "10.0.0.2/29");
+        assert_eq!(first[0].gateway.to_string(), "10.0.0.1");
+    }
+
+    #[test]
+    fn the_same_handle_gets_the_same_addresses() {
+        let mut state = state_with(&[("v4", "10.0.0.0/24", 26), ("v6", "fd00::/120", 122)]);
+        let a = assign(&mut state, handle("h", "n1"), None).unwrap();
+        let b = assign(&mut state, handle("h", "n1"), None).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 2, "dual stack gives one of each family");
+        assert!(a[0].address.is_ipv4() && a[1].address.is_ipv6());
+    }
+
+    #[test]
+    fn release_frees_exactly_the_handle() {
+        let mut state = state_with(&[("p", "10.0.0.0/24", 26)]);
+        let a = assign(&mut state, handle("a", "n1"), None).unwrap();
+        assign(&mut state, handle("b", "n1"), None).unwrap();
+        assert!(release(&mut state, "a").is_some());
+        assert!(release(&mut state, "a").is_none(), "second release is a no-op");
+        let used: usize = state.blocks.values().map(|b| b.allocations.len()).sum();
+        assert_eq!(used, 1);
+        let c = assign(&mut state, handle("c", "n1"), None).unwrap();
+        assert_eq!(c[0].address, a[0].address, "the freed address is reused first");
+    }
+
+    #[test]
+    fn exhaustion_names_pool_size_use_and_remedy_and_is_all_or_nothing() {
+        let mut state = state_with(&[("small", "10.0.0.0/29", 29), ("v6", "fd00::/126", 126)]);
+        for i in 0..2 {
+            assign(&mut state, handle(&format!("h{i}"), "n1"), None).unwrap();
+        }
+        // v6 /126 has 2 usable, v4 /29 has 5: the third dual-stack ADD fails on v6.
+        let before = state.clone();
+        let mut attempt = state.clone();
+        let err = assign(&mut attempt, handle("h2", "n1"), None).unwrap_err();
+        let msg = err.to_string();
+        for needle in ["IPv6", "v6", "fd00::/126", "2 usable", "2 in use", "n1 2", "pool add"] {
+            assert!(msg.contains(needle), "{needle:?} missing in {msg}");
+        }
+        assert_eq!(state, before);
+        assert!(check_available(&state, "n1", None).is_err());
+        release(&mut state, "h0");
+        assert!(check_available(&state, "n1", None).is_ok());
+    }
+
+    #[test]
+    fn disabled_pools_give_nothing_new_and_say_so() {
+        let mut state = state_with(&[("p", "10.0.0.0/24", 26)]);
+        state.pools.get_mut("p").unwrap().disabled = true;
+        let err = assign(&mut state, handle("h", "n1"), None).unwrap_err();
+        assert!(err.to_string().contains("disabled"), "{err}");
+    }
+
+    #[test]
+    fn a_node_borrows_when_no_block_is_free() {
+        let mut state = state_with(&[("p", "10.0.0.0/29", 29)]);
+        assign(&mut state, handle("a", "n1"), None).unwrap();
+        let b = assign(&mut state, handle("b", "n2"), None).unwrap();
+        assert_eq!(b[0].address.to_string(), "10.0.0.3/29");
+        assert_eq!(state.blocks.len(), 1);
+    }
+
+    #[test]
+    fn named_pools_restrict_the_choice() {
+        let mut state = state_with(&[("a", "10.0.0.0/24", 26), ("b", "10.1.0.0/24", 26)]);
+        let got = assign(&mut state, handle("h", "n1"), Some(&["b".to_string()])).unwrap();
+        assert!(got[0].address.to_string().starts_with("10.1.0."));
+        let err = assign(&mut state, handle("x", "n1"), Some(&["zz".to_string()])).unwrap_err();
+        assert!(err.to_string().contains("zz"));
+    }
+}

@@ -1,0 +1,170 @@
+//! The `ipam` section of a network config, as `nodekit-ipam` reads it.
+
+use std::path::PathBuf;
+
+use ipnetwork::IpNetwork;
+use serde::Deserialize;
+
+use super::file_store::FileStore;
+use super::model::Pool;
+use super::store::Datastore;
+use super::IpamError;
+use crate::spec::Route;
+
+/// Where the datastore lives when the config names none.
+pub const DEFAULT_FILE_DATASTORE: &str = "/var/lib/nodekit/ipam";
+
+/// The network config as the IPAM plugin needs it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct IpamNetConf {
+    /// Network name (part of every handle).
+    #[serde(default)]
+    pub name: String,
+    /// The main plugin's node name, used when `ipam.nodeName` is absent.
+    #[serde(rename = "nodeName", default)]
+    pub node_name: Option<String>,
+    /// The IPAM section.
+    pub ipam: IpamConf,
+}
+
+/// The `ipam` object.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpamConf {
+    /// Always `nodekit-ipam`.
+    #[serde(rename = "type")]
+    pub ipam_type: String,
+    /// Where pools, blocks and handles are kept.
+    #[serde(default)]
+    pub datastore: DatastoreConf,
+    /// Pools to ensure exist; when given, ADD assigns from these pools only.
+    #[serde(default)]
+    pub pools: Vec<PoolConf>,
+    /// The node allocating (blocks get affinity to it); defaults to the config's `nodeName`,
+    /// then the host name.
+    #[serde(rename = "nodeName", default)]
+    pub node_name: Option<String>,
+    /// Routes to return; default: a default route per assigned family.
+    #[serde(default)]
+    pub routes: Option<Vec<Route>>,
+}
+
+/// Which datastore backend, and where.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum DatastoreConf {
+    /// The embedded file store in a directory.
+    #[serde(rename = "file")]
+    File {
+        /// Directory of the store.
+        path: PathBuf,
+    },
+}
+
+impl Default for DatastoreConf {
+    fn default() -> Self {
+        Self::File {
+            path: PathBuf::from(DEFAULT_FILE_DATASTORE),
+        }
+    }
+}
+
+impl DatastoreConf {
+    /// Opens the backend.
+    pub fn open(&self) -> Result<Box<dyn Datastore>, IpamError> {
+        match self {
+            Self::File { path } => {
+                if !path.is_absolute() {
+                    return Err(IpamError::InvalidConfig {
+                        field: "ipam.datastore.path".into(),
+                        reason: format!("{} must be an absolute path", path.display()),
+                    });
+                }
+                Ok(Box::new(FileStore::open(path)?))
+            }
+        }
+    }
+}
+
+/// One entry of `ipam.pools`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConf {
+    /// Pool name.
+    pub name: String,
+    /// Range.
+    pub cidr: IpNetwork,
+    /// Block prefix (default 26 / 122).
+    #[serde(rename = "blockSize", default)]
+    pub block_size: Option<u8>,
+    /// Create (or set) the pool disabled.
+    #[serde(default)]
+    pub disabled: Option<bool>,
+}
+
+impl PoolConf {
+    /// The validated pool.
+    pub fn to_pool(&self) -> Result<Pool, IpamError> {
+        let mut pool = Pool::new(&self.name, self.cidr, self.block_size)?;
+        pool.disabled = self.disabled.unwrap_or(false);
+        Ok(pool)
+    }
+}
+
+impl IpamNetConf {
+    /// Parses stdin; errors name the field serde complained about.
+    pub fn parse(bytes: &[u8]) -> Result<Self, IpamError> {
+        serde_json::from_slice(bytes).map_err(|e| IpamError::InvalidConfig {
+            field: "ipam".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The node name to allocate for.
+    pub fn node(&self) -> String {
+        self.ipam
+            .node_name
+            .clone()
+            .or_else(|| self.node_name.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| {
+                nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_else(|| "localhost".into())
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_shape_and_rejects_unknown_fields() {
+        let conf = IpamNetConf::parse(
+            br#"{"name":"net","nodeName":"n1","ipam":{"type":"nodekit-ipam",
+            "datastore":{"type":"file","path":"/tmp/x"},
+            "pools":[{"name":"default","cidr":"10.244.0.0/16","blockSize":26}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.node(), "n1");
+        assert_eq!(conf.ipam.pools[0].to_pool().unwrap().block_size, 26);
+        let err = IpamNetConf::parse(br#"{"ipam":{"type":"nodekit-ipam","pols":[]}}"#).unwrap_err();
+        assert!(err.to_string().contains("pols"), "{err}");
+        let err = IpamNetConf::parse(
+            br#"{"ipam":{"type":"nodekit-ipam","datastore":{"type":"zookeeper"}}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("zookeeper"), "{err}");
+    }
+
+    #[test]
+    fn relative_datastore_paths_are_refused() {
+        let conf = DatastoreConf::File {
+            path: "rel/dir".into(),
+        };
+        let err = conf.open().err().unwrap();
+        assert!(err.to_string().contains("ipam.datastore.path"));
+    }
+}

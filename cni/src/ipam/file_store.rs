@@ -1,0 +1,528 @@
+//! The embedded datastore: a directory holding `state.json` (a snapshot), `journal` (one
+//! checksummed line per committed transaction, appended and `fdatasync`ed) and `lock`.
+//!
+//! Crash safety: a transaction is durable once its journal line is synced; a torn last line
+//! (crash mid-append) fails its checksum and is cut off at the next open. Snapshots are written
+//! to a temp file, synced and renamed over `state.json`; journal records carry sequence numbers
+//! so a crash between the rename and the journal truncation replays nothing twice.
+//!
+//! Concurrency: one `flock` serialises every plugin process. Waiters keep waiting while the
+//! lock changes hands; they give up only when one holder has kept it longer than the timeout
+//! (the timeout starts once it is held), so a burst of 50 ADDs queues instead of failing.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::model::{Block, Handle, IpamState, Pool};
+use super::store::Datastore;
+use super::IpamError;
+
+/// How long one holder may keep the lock before waiters give up with "try again later".
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(15);
+/// Journal size that triggers writing a fresh snapshot.
+const COMPACT_AT_BYTES: u64 = 256 * 1024;
+
+/// The file-backed [`Datastore`].
+#[derive(Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+    lock_timeout: Duration,
+    cache: Mutex<Option<Cached>>,
+}
+
+/// The state as last seen, reused while the files are unchanged (saves reparsing per call).
+#[derive(Debug)]
+struct Cached {
+    fingerprint: Fingerprint,
+    seq: u64,
+    state: IpamState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    snapshot: Option<(u64, i64, i64, u64)>,
+    journal_len: u64,
+}
+
+/// One change inside a journal record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum Op {
+    PutPool { pool: Pool },
+    DelPool { name: String },
+    PutBlock { block: Block },
+    DelBlock { key: String },
+    PutHandle { handle: Handle },
+    DelHandle { id: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    seq: u64,
+    ops: Vec<Op>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Snapshot {
+    seq: u64,
+    state: IpamState,
+}
+
+impl FileStore {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, IpamError> {
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).map_err(|source| IpamError::Io {
+            op: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Self {
+            dir,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            cache: Mutex::new(None),
+        })
+    }
+
+    /// Changes how long a single holder may keep the lock before waiters fail.
+    pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn io(&self, op: &'static str, name: &str) -> impl FnOnce(std::io::Error) -> IpamError {
+        let path = self.path(name);
+        move |source| IpamError::Io { op, path, source }
+    }
+
+    /// Takes the store lock, waiting as long as the lock keeps changing hands.
+    fn lock(&self) -> Result<Flock<File>, IpamError> {
+        let path = self.path("lock");
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(self.io("opening", "lock"))?;
+        let mut seen: Option<(String, Instant)> = None;
+        let mut pause = Duration::from_micros(50);
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => {
+                    let stamp = format!("{:>10} {:>20}\n", std::process::id(), now_ms());
+                    lock.write_at(stamp.as_bytes(), 0)
+                        .map_err(self.io("stamping", "lock"))?;
+                    return Ok(lock);
+                }
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => file = f,
+                Err((_, errno)) => {
+                    return Err(IpamError::Io {
+                        op: "locking",
+                        path,
+                        source: errno.into(),
+                    })
+                }
+            }
+            let mut stamp = String::new();
+            let _ = (&file).seek(SeekFrom::Start(0));
+            let _ = (&file).take(64).read_to_string(&mut stamp);
+            match &seen {
+                Some((holder, since)) if *holder == stamp => {
+                    if since.elapsed() > self.lock_timeout {
+                        let mut fields = stamp.split_whitespace();
+                        let pid = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                        let taken: u64 = fields.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+                        return Err(IpamError::LockTimeout {
+                            path,
+                            holder: pid,
+                            held_ms: now_ms().saturating_sub(taken),
+                        });
+                    }
+                }
+                _ => {
+                    seen = Some((stamp, Instant::now()));
+                    pause = Duration::from_micros(50);
+                }
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    fn fingerprint(&self, journal: &File) -> Result<Fingerprint, IpamError> {
+        let snapshot = match fs::metadata(self.path("state.json")) {
+            Ok(m) => Some((m.ino(), m.mtime(), m.mtime_nsec(), m.size())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(self.io("reading", "state.json")(e)),
+        };
+        let journal_len = journal
+            .metadata()
+            .map_err(self.io("reading", "journal"))?
+            .len();
+        Ok(Fingerprint {
+            snapshot,
+            journal_len,
+        })
+    }
+
+    /// Loads the state (caller holds the lock), cutting off a torn journal tail.
+    fn load(&self, journal: &mut File) -> Result<(u64, IpamState, Fingerprint), IpamError> {
+        let fingerprint = self.fingerprint(journal)?;
+        if let Ok(cache) = self.cache.lock() {
+            if let Some(c) = cache.as_ref().filter(|c| c.fingerprint == fingerprint) {
+                return Ok((c.seq, c.state.clone(), fingerprint));
+            }
+        }
+        let mut snapshot = match fs::read(self.path("state.json")) {
+            Ok(bytes) => serde_json::from_slice::<Snapshot>(&bytes).map_err(|e| {
+                IpamError::Corrupt {
+                    reason: format!("{}: {e}", self.path("state.json").display()),
+                }
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Snapshot::default(),
+            Err(e) => return Err(self.io("reading", "state.json")(e)),
+        };
+        let mut text = String::new();
+        journal.seek(SeekFrom::Start(0)).map_err(self.io("reading", "journal"))?;
+        journal
+            .read_to_string(&mut text)
+            .map_err(self.io("reading", "journal"))?;
+        let mut offset = 0u64;
+        for line in text.split_inclusive('\n') {
+            let Some(json) = verified_body(line) else {
+                tracing::warn!(offset, "cutting torn journal tail");
+                journal.set_len(offset).map_err(self.io("truncating", "journal"))?;
+                journal.sync_data().map_err(self.io("syncing", "journal"))?;
+                break;
+            };
+            let record: Record = serde_json::from_str(json).map_err(|e| IpamError::Corrupt {
+                reason: format!("journal record at byte {offset}: {e}"),
+            })?;
+            offset += line.len() as u64;
+            if record.seq <= snapshot.seq {
+                continue;
+            }
+            if record.seq != snapshot.seq + 1 {
+                return Err(IpamError::Corrupt {
+                    reason: format!(
+                        "journal jumps from sequence {} to {}",
+                        snapshot.seq, record.seq
+                    ),
+                });
+            }
+            apply(&mut snapshot.state, record.ops);
+            snapshot.seq = record.seq;
+        }
+        let fingerprint = self.fingerprint(journal)?;
+        Ok((snapshot.seq, snapshot.state, fingerprint))
+    }
+
+    /// Writes a snapshot of `state` and empties the journal.
+    fn compact(&self, journal: &File, seq: u64, state: &IpamState) -> Result<(), IpamError> {
+        let tmp = self.path("state.json.tmp");
+        let body = serde_json::to_vec(&Snapshot {
+            seq,
+            state: state.clone(),
+        })
+        .map_err(|e| IpamError::Corrupt {
+            reason: e.to_string(),
+        })?;
+        let mut file = File::create(&tmp).map_err(self.io("writing", "state.json.tmp"))?;
+        file.write_all(&body)
+            .and_then(|()| file.sync_all())
+            .map_err(self.io("writing", "state.json.tmp"))?;
+        fs::rename(&tmp, self.path("state.json")).map_err(self.io("renaming", "state.json"))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(self.io("syncing", "."))?;
+        journal.set_len(0).map_err(self.io("truncating", "journal"))?;
+        journal.sync_all().map_err(self.io("syncing", "journal"))
+    }
+}
+
+impl Datastore for FileStore {
+    fn transact(
+        &self,
+        f: &mut dyn FnMut(&mut IpamState) -> Result<(), IpamError>,
+    ) -> Result<(), IpamError> {
+        let _lock = self.lock()?;
+        let mut journal = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(self.path("journal"))
+            .map_err(self.io("opening", "journal"))?;
+        let (seq, before, fingerprint) = self.load(&mut journal)?;
+        let mut after = before.clone();
+        f(&mut after)?;
+        let ops = diff(&before, &after);
+        let (seq, fingerprint) = if ops.is_empty() {
+            (seq, fingerprint)
+        } else {
+            let record = Record { seq: seq + 1, ops };
+            let json = serde_json::to_string(&record).map_err(|e| IpamError::Corrupt {
+                reason: e.to_string(),
+            })?;
+            let line = format!("{} {json}\n", checksum(&json));
+            journal
+                .write_all(line.as_bytes())
+                .and_then(|()| journal.sync_data())
+                .map_err(self.io("appending", "journal"))?;
+            if fingerprint.journal_len + line.len() as u64 > COMPACT_AT_BYTES {
+                self.compact(&journal, record.seq, &after)?;
+            }
+            (record.seq, self.fingerprint(&journal)?)
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            *cache = Some(Cached {
+                fingerprint,
+                seq,
+                state: after,
+            });
+        }
+        Ok(())
+    }
+
+    fn read(&self) -> Result<IpamState, IpamError> {
+        let mut state = IpamState::default();
+        self.transact(&mut |s| {
+            state = s.clone();
+            Ok(())
+        })?;
+        Ok(state)
+    }
+}
+
+/// The record JSON of a complete line whose checksum matches; `None` for a torn write.
+fn verified_body(line: &str) -> Option<&str> {
+    let body = line.strip_suffix('\n')?;
+    let (sum, json) = body.split_once(' ')?;
+    (checksum(json) == sum).then_some(json)
+}
+
+fn checksum(json: &str) -> String {
+    let digest = Sha256::digest(json.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn diff(before: &IpamState, after: &IpamState) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for (name, pool) in &after.pools {
+        if before.pools.get(name) != Some(pool) {
+            ops.push(Op::PutPool { pool: pool.clone() });
+        }
+    }
+    ops.extend(
+        before
+            .pools
+            .keys()
+            .filter(|k| !after.pools.contains_key(*k))
+            .map(|name| Op::DelPool { name: name.clone() }),
+    );
+    for (key, block) in &after.blocks {
+        if before.blocks.get(key) != Some(block) {
+            ops.push(Op::PutBlock {
+                block: block.clone(),
+            });
+        }
+    }
+    ops.extend(
+        before
+            .blocks
+            .keys()
+            .filter(|k| !after.blocks.contains_key(*k))
+            .map(|key| Op::DelBlock { key: key.clone() }),
+    );
+    for (id, handle) in &after.handles {
+        if before.handles.get(id) != Some(handle) {
+            ops.push(Op::PutHandle {
+                handle: handle.clone(),
+            });
+        }
+    }
+    ops.extend(
+        before
+            .handles
+            .keys()
+            .filter(|k| !after.handles.contains_key(*k))
+            .map(|id| Op::DelHandle { id: id.clone() }),
+    );
+    ops
+}
+
+fn apply(state: &mut IpamState, ops: Vec<Op>) {
+    for op in ops {
+        match op {
+            Op::PutPool { pool } => {
+                state.pools.insert(pool.name.clone(), pool);
+            }
+            Op::DelPool { name } => {
+                state.pools.remove(&name);
+            }
+            Op::PutBlock { block } => {
+                state.blocks.insert(block.key(), block);
+            }
+            Op::DelBlock { key } => {
+                state.blocks.remove(&key);
+            }
+            Op::PutHandle { handle } => {
+                state.handles.insert(handle.id.clone(), handle);
+            }
+            Op::DelHandle { id } => {
+                state.handles.remove(&id);
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::allocator;
+    use crate::ipam::store::transact_with;
+
+    fn pool_state(store: &FileStore) {
+        store
+            .transact(&mut |s| {
+                let p = Pool::new("p", "10.0.0.0/16".parse().unwrap(), None)?;
+                s.pools.insert(p.name.clone(), p);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    fn handle(id: &str) -> Handle {
+        Handle {
+            id: id.into(),
+            network: "n".into(),
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            node: "n1".into(),
+            netns: String::new(),
+            addresses: vec![],
+        }
+    }
+
+    #[test]
+    fn committed_state_survives_reopen_and_failed_transactions_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        pool_state(&store);
+        let got = transact_with(&store, |s| allocator::assign(s, handle("a"), None)).unwrap();
+        let err = store.transact(&mut |s| {
+            allocator::assign(s, handle("b"), None)?;
+            Err(IpamError::NoPools)
+        });
+        assert!(err.is_err());
+        let reopened = FileStore::open(dir.path()).unwrap().read().unwrap();
+        assert_eq!(reopened.handles.len(), 1);
+        assert_eq!(reopened.handles["a"].addresses, vec![got[0].address]);
+    }
+
+    #[test]
+    fn a_torn_journal_tail_is_cut_and_earlier_records_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        pool_state(&store);
+        transact_with(&store, |s| allocator::assign(s, handle("a"), None)).unwrap();
+        let mut journal = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("journal"))
+            .unwrap();
+        journal.write_all(b"0123456789abcdef {\"seq\":3,\"ops\":[{\"delHandle").unwrap();
+        let state = FileStore::open(dir.path()).unwrap().read().unwrap();
+        assert!(state.handles.contains_key("a"));
+        let text = fs::read_to_string(dir.path().join("journal")).unwrap();
+        assert!(text.ends_with('\n'), "the torn tail was cut");
+        // New writes after the cut are readable.
+        let store = FileStore::open(dir.path()).unwrap();
+        transact_with(&store, |s| allocator::assign(s, handle("b"), None)).unwrap();
+        let state = FileStore::open(dir.path()).unwrap().read().unwrap();
+        assert_eq!(state.handles.len(), 2);
+    }
+
+    #[test]
+    fn compaction_keeps_everything_and_replays_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        pool_state(&store);
+        for i in 0..600 {
+            let id = format!("h{i}");
+            transact_with(&store, |s| allocator::assign(s, handle(&id), None)).unwrap();
+            if i % 2 == 0 {
+                store
+                    .transact(&mut |s| {
+                        allocator::release(s, &id);
+                        Ok(())
+                    })
+                    .unwrap();
+            }
+        }
+        assert!(dir.path().join("state.json").exists(), "compaction ran");
+        let state = FileStore::open(dir.path()).unwrap().read().unwrap();
+        assert_eq!(state.handles.len(), 300);
+        let used: usize = state.blocks.values().map(|b| b.allocations.len()).sum();
+        assert_eq!(used, 300);
+    }
+
+    #[test]
+    fn concurrent_threads_with_separate_stores_never_share_an_address() {
+        let dir = tempfile::tempdir().unwrap();
+        pool_state(&FileStore::open(dir.path()).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let path = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    let store = FileStore::open(&path).unwrap();
+                    (0..20)
+                        .map(|i| {
+                            let id = format!("t{t}-{i}");
+                            transact_with(&store, |s| allocator::assign(s, handle(&id), None))
+                                .unwrap()[0]
+                                .address
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<_> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n);
+    }
+
+    #[test]
+    fn a_holder_that_never_lets_go_times_out_waiters_with_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let held = store.lock().unwrap();
+        let waiter = FileStore::open(dir.path())
+            .unwrap()
+            .with_lock_timeout(Duration::from_millis(100));
+        let err = waiter.read().unwrap_err();
+        assert!(matches!(err, IpamError::LockTimeout { holder, .. } if holder == std::process::id()));
+        drop(held);
+        assert!(waiter.read().is_ok());
+    }
+}

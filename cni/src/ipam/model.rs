@@ -1,0 +1,349 @@
+//! Calico's IPAM data model: pools carved into fixed-size blocks, blocks claimed by nodes
+//! (affinity), addresses recorded per block under a handle (one attachment).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use super::IpamError;
+
+/// Default block prefix for IPv4 pools (64 addresses), as Calico.
+pub const DEFAULT_BLOCK_SIZE_V4: u8 = 26;
+/// Default block prefix for IPv6 pools (64 addresses), as Calico.
+pub const DEFAULT_BLOCK_SIZE_V6: u8 = 122;
+
+/// A named range that blocks are carved from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    /// Unique name.
+    pub name: String,
+    /// The range, network-aligned.
+    pub cidr: IpNetwork,
+    /// Prefix length of each block.
+    #[serde(rename = "blockSize")]
+    pub block_size: u8,
+    /// A disabled pool hands out no new addresses; existing ones stay.
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+impl Pool {
+    /// A pool with the family's default block size when `block_size` is `None`, validated.
+    pub fn new(name: &str, cidr: IpNetwork, block_size: Option<u8>) -> Result<Self, IpamError> {
+        let block_size = block_size.unwrap_or(if cidr.is_ipv4() {
+            DEFAULT_BLOCK_SIZE_V4
+        } else {
+            DEFAULT_BLOCK_SIZE_V6
+        });
+        let pool = Self {
+            name: name.to_string(),
+            cidr,
+            block_size,
+            disabled: false,
+        };
+        pool.validate()?;
+        Ok(pool)
+    }
+
+    /// Checks name, alignment and block size; every error names the pool and the field.
+    pub fn validate(&self) -> Result<(), IpamError> {
+        let invalid = |field: &str, reason: String| IpamError::InvalidPool {
+            pool: self.name.clone(),
+            field: field.to_string(),
+            reason,
+        };
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(
+                "name",
+                "use letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
+        if self.cidr.network() != self.cidr.ip() {
+            return Err(invalid(
+                "cidr",
+                format!(
+                    "{} is not network-aligned (did you mean {}/{}?)",
+                    self.cidr,
+                    self.cidr.network(),
+                    self.cidr.prefix()
+                ),
+            ));
+        }
+        let (min, max) = if self.cidr.is_ipv4() {
+            (20, 30)
+        } else {
+            (116, 126)
+        };
+        if !(min..=max).contains(&self.block_size) {
+            return Err(invalid(
+                "blockSize",
+                format!("{} is outside {min}..={max} for this family", self.block_size),
+            ));
+        }
+        if self.block_size < self.cidr.prefix() {
+            return Err(invalid(
+                "blockSize",
+                format!(
+                    "/{} blocks do not fit in {} (the block must be no larger than the pool)",
+                    self.block_size, self.cidr
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How many blocks the pool holds.
+    pub fn block_count(&self) -> u128 {
+        1u128 << (self.block_size - self.cidr.prefix()).min(127)
+    }
+
+    /// The `index`th block's range.
+    pub fn block_cidr(&self, index: u128) -> IpNetwork {
+        let step = 1u128 << (bits(&self.cidr) - self.block_size);
+        let start = to_u128(self.cidr.network()) + index * step;
+        network(from_u128(start, self.cidr.is_ipv4()), self.block_size)
+    }
+
+    /// The block of this pool containing `ip` (None when outside the pool).
+    pub fn block_of(&self, ip: IpAddr) -> Option<IpNetwork> {
+        if !self.cidr.contains(ip) {
+            return None;
+        }
+        let block = network(ip, self.block_size);
+        Some(network(block.network(), self.block_size))
+    }
+
+    /// Addresses a pod can get in one block.
+    pub fn usable_per_block(&self) -> u128 {
+        let size = 1u128 << (bits(&self.cidr) - self.block_size);
+        size - reserved_count(self.cidr.is_ipv4())
+    }
+
+    /// Addresses pods can get in the whole pool.
+    pub fn capacity(&self) -> u128 {
+        self.block_count().saturating_mul(self.usable_per_block())
+    }
+
+    /// Whether the pool is of the same family as `family_v4`.
+    pub fn is_v4(&self) -> bool {
+        self.cidr.is_ipv4()
+    }
+}
+
+/// A block claimed by a node (or by nobody once released), with its allocations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    /// The block's range.
+    pub cidr: IpNetwork,
+    /// The pool it was carved from.
+    pub pool: String,
+    /// The node that allocates from it first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
+    /// Ordinal within the block -> handle ID.
+    #[serde(default)]
+    pub allocations: BTreeMap<u32, String>,
+}
+
+impl Block {
+    /// A new, empty block.
+    pub fn new(cidr: IpNetwork, pool: &str, affinity: Option<&str>) -> Self {
+        Self {
+            cidr,
+            pool: pool.to_string(),
+            affinity: affinity.map(str::to_string),
+            allocations: BTreeMap::new(),
+        }
+    }
+
+    /// The key blocks are stored under.
+    pub fn key(&self) -> String {
+        self.cidr.to_string()
+    }
+
+    /// Number of addresses in the block.
+    pub fn size(&self) -> u32 {
+        let host_bits = bits(&self.cidr) - self.cidr.prefix();
+        1u32 << host_bits.min(31)
+    }
+
+    /// Whether `ordinal` is kept back: the first address (the network / IPv6 subnet-router
+    /// anycast), the second (the gateway pods use in bridge mode) and, for IPv4, the last
+    /// (broadcast of the block's subnet).
+    pub fn is_reserved(&self, ordinal: u32) -> bool {
+        ordinal < 2 || (self.cidr.is_ipv4() && ordinal == self.size() - 1)
+    }
+
+    /// Addresses pods can get from this block.
+    pub fn usable(&self) -> u32 {
+        self.size() - reserved_count(self.cidr.is_ipv4()) as u32
+    }
+
+    /// The block gateway: its second address.
+    pub fn gateway(&self) -> IpAddr {
+        self.address(1)
+    }
+
+    /// The address at `ordinal`.
+    pub fn address(&self, ordinal: u32) -> IpAddr {
+        from_u128(
+            to_u128(self.cidr.network()) + u128::from(ordinal),
+            self.cidr.is_ipv4(),
+        )
+    }
+
+    /// The ordinal of `ip`, if it lies in the block.
+    pub fn ordinal(&self, ip: IpAddr) -> Option<u32> {
+        self.cidr
+            .contains(ip)
+            .then(|| (to_u128(ip) - to_u128(self.cidr.network())) as u32)
+    }
+
+    /// The lowest free, unreserved ordinal.
+    pub fn first_free(&self) -> Option<u32> {
+        (0..self.size()).find(|o| !self.is_reserved(*o) && !self.allocations.contains_key(o))
+    }
+}
+
+/// One attachment's allocations, so DEL releases exactly what ADD took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handle {
+    /// `NETWORK.CONTAINERID.IFNAME`.
+    pub id: String,
+    /// Network name from the config.
+    pub network: String,
+    /// CNI_CONTAINERID.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// CNI_IFNAME.
+    pub ifname: String,
+    /// Node that made the allocation.
+    pub node: String,
+    /// CNI_NETNS at ADD time; `ipam check` treats a vanished namespace as a dead attachment.
+    #[serde(default)]
+    pub netns: String,
+    /// Addresses held, with their block's prefix length.
+    pub addresses: Vec<IpNetwork>,
+}
+
+impl Handle {
+    /// The handle ID of an attachment.
+    pub fn id_for(network: &str, container_id: &str, ifname: &str) -> String {
+        format!("{network}.{container_id}.{ifname}")
+    }
+}
+
+/// The whole IPAM state a transaction sees.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamState {
+    /// Pools by name.
+    #[serde(default)]
+    pub pools: BTreeMap<String, Pool>,
+    /// Blocks by CIDR string.
+    #[serde(default)]
+    pub blocks: BTreeMap<String, Block>,
+    /// Handles by ID.
+    #[serde(default)]
+    pub handles: BTreeMap<String, Handle>,
+}
+
+fn reserved_count(v4: bool) -> u128 {
+    if v4 {
+        3
+    } else {
+        2
+    }
+}
+
+fn bits(net: &IpNetwork) -> u8 {
+    if net.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+fn network(ip: IpAddr, prefix: u8) -> IpNetwork {
+    let total = if ip.is_ipv4() { 32 } else { 128 };
+    let host_bits = u32::from(total - prefix);
+    let mask = if host_bits >= 128 {
+        0
+    } else {
+        !0u128 << host_bits
+    };
+    let masked = from_u128(to_u128(ip) & mask, ip.is_ipv4());
+    // The prefix is within range because callers pass a validated pool or block prefix.
+    IpNetwork::new(masked, prefix).unwrap_or_else(|_| IpNetwork::from(masked))
+}
+
+pub(crate) fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+pub(crate) fn from_u128(value: u128, v4: bool) -> IpAddr {
+    if v4 {
+        IpAddr::V4((value as u32).into())
+    } else {
+        IpAddr::V6(value.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_are_carved_into_aligned_blocks() {
+        let pool = Pool::new("p", "10.244.0.0/16".parse().unwrap(), None).unwrap();
+        assert_eq!(pool.block_size, 26);
+        assert_eq!(pool.block_count(), 1024);
+        assert_eq!(pool.block_cidr(0).to_string(), "10.244.0.0/26");
+        assert_eq!(pool.block_cidr(5).to_string(), "10.244.1.64/26");
+        assert_eq!(
+            pool.block_of("10.244.1.70".parse().unwrap()).unwrap().to_string(),
+            "10.244.1.64/26"
+        );
+        assert_eq!(pool.usable_per_block(), 61);
+        let v6 = Pool::new("p6", "fd00:10::/112".parse().unwrap(), None).unwrap();
+        assert_eq!(v6.block_size, 122);
+        assert_eq!(v6.block_cidr(1).to_string(), "fd00:10::40/122");
+        assert_eq!(v6.usable_per_block(), 62);
+    }
+
+    #[test]
+    fn invalid_pools_name_the_field() {
+        let err = Pool::new("p", "10.244.0.1/16".parse().unwrap(), None).unwrap_err();
+        assert!(err.to_string().contains("cidr"), "{err}");
+        let err = Pool::new("p", "10.244.0.0/24".parse().unwrap(), Some(31)).unwrap_err();
+        assert!(err.to_string().contains("blockSize"), "{err}");
+        let err = Pool::new("p", "10.244.0.0/24".parse().unwrap(), Some(22)).unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
+        let err = Pool::new("bad name", "10.0.0.0/24".parse().unwrap(), None).unwrap_err();
+        assert!(err.to_string().contains("name"), "{err}");
+    }
+
+    #[test]
+    fn blocks_reserve_network_gateway_and_broadcast() {
+        let block = Block::new("10.0.0.0/29".parse().unwrap(), "p", Some("n1"));
+        assert_eq!(block.size(), 8);
+        assert_eq!(block.usable(), 5);
+        assert_eq!(block.gateway().to_string(), "10.0.0.1");
+        assert_eq!(block.first_free(), Some(2));
+        assert!(block.is_reserved(7));
+        assert_eq!(block.ordinal("10.0.0.6".parse().unwrap()), Some(6));
+        assert_eq!(block.ordinal("10.0.0.9".parse().unwrap()), None);
+        let v6 = Block::new("fd00::/126".parse().unwrap(), "p", None);
+        assert_eq!(v6.usable(), 2);
+        assert_eq!(v6.address(3).to_string(), "fd00::3");
+    }
+}
