@@ -4,3 +4,6 @@
 pub mod ipam;
 pub mod skel;
 pub mod spec;
+pub mod netlink;
+pub mod delegate;
+pub mod plugin;

@@ -1,7 +1,7 @@
 //! The CNI wire contract (SPEC.md 1.1.0 and the older versions we still accept): error codes,
 //! versions, the result document, and the environment a runtime hands a plugin.
 
-mod args;
+pub(crate) mod args;
 mod error;
 mod result;
 

@@ -1,0 +1,266 @@
+//! Wiring one pod interface: the veth pair, the host side (bridge port, or routed host veth
+//! with a /32 route) and the pod side (addresses, gateway, routes).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnetwork::IpNetwork;
+use nodekit_nsutil::NetNs;
+use sha2::{Digest, Sha256};
+
+use super::config::{Mode, NodekitConf};
+use super::PluginError;
+use crate::netlink::{link_mac, link_name, Netlink};
+use crate::spec::{CniResult, Interface, IpConfig, Route};
+
+/// The MAC of every host veth in routed mode (as Calico): pods resolve their gateway to it.
+pub const ROUTED_HOST_MAC: [u8; 6] = [0xee; 6];
+/// The IPv4 gateway pods use in routed mode, answered by the host veth.
+pub const ROUTED_GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The IPv6 gateway in routed mode: the link-local address derived from [`ROUTED_HOST_MAC`].
+pub const ROUTED_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+/// Prefix of the alias tagging host veths with their attachment, for GC.
+pub const ALIAS_PREFIX: &str = "nodekit";
+
+/// The host veth name of an attachment: `nk` + 13 hex digits of a hash of container ID and
+/// ifname, so DEL and GC find it without any state, and it fits IFNAMSIZ.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    let digest = Sha256::digest(format!("{container_id}/{ifname}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("nk{}", &hex[..13])
+}
+
+/// The alias of a host veth: `nodekit/NETWORK/CONTAINERID/IFNAME`.
+pub fn host_veth_alias(network: &str, container_id: &str, ifname: &str) -> String {
+    format!("{ALIAS_PREFIX}/{network}/{container_id}/{ifname}")
+}
+
+/// A locally administered MAC derived from the bridge name, fixed at creation so adding
+/// ports never changes the bridge's address under the pods' ARP caches.
+pub fn bridge_mac(name: &str) -> [u8; 6] {
+    let d = Sha256::digest(name.as_bytes());
+    [0x02, d[0], d[1], d[2], d[3], d[4]]
+}
+
+/// What `attach` was asked to wire.
+pub struct Attachment<'a> {
+    /// Plugin config.
+    pub conf: &'a NodekitConf,
+    /// Container ID.
+    pub container_id: &'a str,
+    /// Interface name in the pod.
+    pub ifname: &'a str,
+    /// The pod's namespace.
+    pub pod_ns: &'a NetNs,
+    /// What IPAM assigned.
+    pub ipam: &'a CniResult,
+}
+
+/// Wires the attachment; returns the result (interfaces, ips, routes). On error the caller
+/// removes the host veth, which takes the pod end and the host routes with it.
+pub async fn attach(at: &Attachment<'_>, fault: impl Fn(&str) -> Result<(), PluginError>) -> Result<CniResult, PluginError> {
+    let conf = at.conf;
+    let host_name = host_veth_name(at.container_id, at.ifname);
+    let node = Netlink::connect()?;
+    let pod = Netlink::connect_in(at.pod_ns)?;
+    // A leftover pair from an earlier ADD of this attachment is replaced.
+    node.delete_link(&host_name).await?;
+    if pod.link(at.ifname).await?.is_some() {
+        return Err(PluginError::InterfaceExists {
+            ifname: at.ifname.to_string(),
+            netns: at.pod_ns.path().display().to_string(),
+        });
+    }
+    let routed = conf.mode == Mode::Routed;
+    node.create_veth(&host_name, at.ifname, at.pod_ns, conf.mtu, routed.then_some(ROUTED_HOST_MAC))
+        .await?;
+    fault("after-veth")?;
+    let host = node.link(&host_name).await?.ok_or_else(|| PluginError::Vanished {
+        what: host_name.clone(),
+    })?;
+    let host_index = host.header.index;
+    node.set_alias(host_index, &host_name, &host_veth_alias(&conf.name, at.container_id, at.ifname))
+        .await?;
+
+    let mut interfaces = Vec::new();
+    match conf.mode {
+        Mode::Bridge => {
+            let bridge = node.ensure_bridge(&conf.bridge, conf.mtu, bridge_mac(&conf.bridge)).await?;
+            for ip in &at.ipam.ips {
+                if let Some(gw) = ip.gateway {
+                    let gw_net = IpNetwork::new(gw, ip.address.prefix()).map_err(|e| PluginError::Config {
+                        field: "ipam result gateway".into(),
+                        reason: e.to_string(),
+                    })?;
+                    node.ensure_address(bridge.header.index, &conf.bridge, gw_net).await?;
+                }
+            }
+            node.attach_to_bridge(host_index, &host_name, bridge.header.index, conf.hairpin_mode)
+                .await?;
+            interfaces.push(Interface {
+                name: conf.bridge.clone(),
+                mac: link_mac(&bridge),
+                ..Default::default()
+            });
+        }
+        Mode::Routed => {
+            configure_routed_host(&host_name)?;
+            node.set_up(host_index, &host_name).await?;
+            for ip in &at.ipam.ips {
+                node.ensure_route(host_route(ip.address.ip()), None, host_index, &host_name).await?;
+            }
+        }
+    }
+    interfaces.push(Interface {
+        name: host_name.clone(),
+        mac: link_mac(&host),
+        ..Default::default()
+    });
+    fault("after-host")?;
+
+    let pod_link = pod.link(at.ifname).await?.ok_or_else(|| PluginError::Vanished {
+        what: at.ifname.to_string(),
+    })?;
+    let pod_index = pod_link.header.index;
+    let mut ips = Vec::new();
+    for ip in &at.ipam.ips {
+        let address = match conf.mode {
+            Mode::Bridge => ip.address,
+            Mode::Routed => host_route(ip.address.ip()),
+        };
+        pod.ensure_address(pod_index, at.ifname, address).await?;
+        ips.push(IpConfig {
+            address: ip.address,
+            gateway: Some(pod_gateway(conf.mode, ip)),
+            interface: Some(interfaces.len()),
+        });
+    }
+    pod.set_up(pod_index, at.ifname).await?;
+    let routes = pod_routes(at.ipam, &ips);
+    if routed {
+        for ip in &ips {
+            if let Some(gw) = ip.gateway {
+                pod.ensure_neighbour(pod_index, gw, ROUTED_HOST_MAC).await?;
+                if gw.is_ipv4() {
+                    pod.ensure_route(host_route(gw), None, pod_index, at.ifname).await?;
+                }
+            }
+        }
+    }
+    for route in &routes {
+        pod.ensure_route(route.dst, route.gw, pod_index, at.ifname).await?;
+    }
+    fault("after-pod")?;
+    interfaces.push(Interface {
+        name: link_name(&pod_link).unwrap_or(at.ifname).to_string(),
+        mac: link_mac(&pod_link),
+        mtu: None,
+        sandbox: Some(at.pod_ns.path().display().to_string()),
+    });
+    Ok(CniResult {
+        cni_version: String::new(),
+        interfaces,
+        ips,
+        routes,
+        dns: conf.dns.clone().unwrap_or_else(|| at.ipam.dns.clone()),
+    })
+}
+
+/// Removes the host veth (and with it the pod end and host routes); `Ok` when already gone.
+pub async fn detach(container_id: &str, ifname: &str) -> Result<(), PluginError> {
+    let node = Netlink::connect()?;
+    node.delete_link(&host_veth_name(container_id, ifname)).await?;
+    Ok(())
+}
+
+/// The gateway a pod uses for `ip`: the block gateway on the bridge, or the routed gateway.
+pub fn pod_gateway(mode: Mode, ip: &IpConfig) -> IpAddr {
+    match (mode, ip.address.ip()) {
+        (Mode::Routed, IpAddr::V4(_)) => ROUTED_GATEWAY_V4.into(),
+        (Mode::Routed, IpAddr::V6(_)) => ROUTED_GATEWAY_V6.into(),
+        (Mode::Bridge, _) => ip.gateway.unwrap_or_else(|| ip.address.network()),
+    }
+}
+
+/// The pod's routes: IPAM's (a default route per family when IPAM gives none), each via the
+/// family's gateway unless IPAM named one.
+fn pod_routes(ipam: &CniResult, ips: &[IpConfig]) -> Vec<Route> {
+    let wanted: Vec<Route> = if ipam.routes.is_empty() {
+        ips.iter()
+            .map(|ip| Route {
+                dst: crate::spec::default_dst(ip.address.is_ipv4()),
+                gw: None,
+            })
+            .collect()
+    } else {
+        ipam.routes.clone()
+    };
+    wanted
+        .into_iter()
+        .filter_map(|r| {
+            let gw = r.gw.or_else(|| {
+                ips.iter()
+                    .find(|ip| ip.address.is_ipv4() == r.dst.is_ipv4())
+                    .and_then(|ip| ip.gateway)
+            })?;
+            Some(Route { dst: r.dst, gw: Some(gw) })
+        })
+        .collect()
+}
+
+/// A host route (/32 or /128) to `ip`.
+pub fn host_route(ip: IpAddr) -> IpNetwork {
+    IpNetwork::from(ip)
+}
+
+/// Routed mode's per-interface sysctls: proxy ARP answering at once, forwarding, and no
+/// IPv6 DAD so the host's link-local gateway works immediately.
+fn configure_routed_host(host: &str) -> Result<(), PluginError> {
+    let settings = [
+        (format!("net/ipv4/conf/{host}/proxy_arp"), "1", true),
+        (format!("net/ipv4/neigh/{host}/proxy_delay"), "0", true),
+        (format!("net/ipv4/conf/{host}/forwarding"), "1", true),
+        (format!("net/ipv6/conf/{host}/accept_dad"), "0", false),
+        (format!("net/ipv6/conf/{host}/forwarding"), "1", false),
+    ];
+    for (key, value, required) in settings {
+        let path = std::path::Path::new("/proc/sys").join(&key);
+        match std::fs::write(&path, value) {
+            Ok(()) => {}
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(PluginError::Sysctl { key, source }),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_veth_names_are_deterministic_and_fit_ifnamsiz() {
+        let a = host_veth_name("0123456789abcdef", "eth0");
+        assert_eq!(a, host_veth_name("0123456789abcdef", "eth0"));
+        assert_ne!(a, host_veth_name("0123456789abcdef", "eth1"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("nk"));
+    }
+
+    #[test]
+    fn routed_gateway_v6_is_the_link_local_of_the_host_mac() {
+        assert_eq!(ROUTED_GATEWAY_V6.to_string(), "fe80::ecee:eeff:feee:eeee");
+    }
+
+    #[test]
+    fn pod_routes_default_per_family_via_the_gateway() {
+        let ips = vec![IpConfig {
+            address: "10.0.0.5/26".parse().unwrap(),
+            gateway: Some("10.0.0.1".parse().unwrap()),
+            interface: Some(1),
+        }];
+        let routes = pod_routes(&CniResult::default(), &ips);
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].dst.to_string(), "0.0.0.0/0");
+        assert_eq!(routes[0].gw, Some("10.0.0.1".parse().unwrap()));
+    }
+}
