@@ -1,9 +1,10 @@
 //! nodekit's CNI side: the spec types ([`spec`]), the plugin skeleton ([`skel`]), the IPAM
 //! ([`ipam`]) behind `nodekit-ipam` and `nodekitctl`, and the `nodekit` plugin ([`plugin`]).
 
+pub mod ctl;
+pub mod delegate;
 pub mod ipam;
+pub mod netlink;
+pub mod plugin;
 pub mod skel;
 pub mod spec;
-pub mod netlink;
-pub mod delegate;
-pub mod plugin;

@@ -6,14 +6,20 @@ use std::net::IpAddr;
 
 use futures::StreamExt;
 use ipnetwork::IpNetwork;
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST};
+use netlink_packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteMessage, RouteScope};
 use netlink_packet_route::RouteNetlinkMessage;
 use nodekit_nsutil::{NetNs, NsError};
-use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder,
+};
 
 /// How often a dump interrupted by concurrent changes is retried before giving up.
 const DUMP_RETRIES: usize = 10;
@@ -77,7 +83,10 @@ impl NetlinkError {
     }
 }
 
-fn request(op: &'static str, target: impl ToString) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+fn request(
+    op: &'static str,
+    target: impl ToString,
+) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
     let target = target.to_string();
     move |source| NetlinkError::Request { op, target, source }
 }
@@ -127,7 +136,9 @@ impl Netlink {
     /// Every link, consistent (retried on NLM_F_DUMP_INTR).
     pub async fn links(&self) -> Result<Vec<LinkMessage>, NetlinkError> {
         let msgs = self
-            .dump("links", || RouteNetlinkMessage::GetLink(LinkMessage::default()))
+            .dump("links", || {
+                RouteNetlinkMessage::GetLink(LinkMessage::default())
+            })
             .await?;
         Ok(msgs
             .into_iter()
@@ -141,7 +152,9 @@ impl Netlink {
     /// Every address of interface `index`, consistent.
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, NetlinkError> {
         let msgs = self
-            .dump("addresses", || RouteNetlinkMessage::GetAddress(AddressMessage::default()))
+            .dump("addresses", || {
+                RouteNetlinkMessage::GetAddress(AddressMessage::default())
+            })
             .await?;
         Ok(msgs
             .into_iter()
@@ -255,20 +268,32 @@ impl Netlink {
 
     /// Makes sure a bridge `name` exists and is up, with a stable MAC (so adding ports never
     /// changes it) and `mtu`; tolerates a concurrent creator.
-    pub async fn ensure_bridge(&self, name: &str, mtu: u32, mac: [u8; 6]) -> Result<LinkMessage, NetlinkError> {
+    pub async fn ensure_bridge(
+        &self,
+        name: &str,
+        mtu: u32,
+        mac: [u8; 6],
+    ) -> Result<LinkMessage, NetlinkError> {
         if let Some(link) = self.link(name).await? {
             return check_kind(link, name, InfoKind::Bridge, "bridge");
         }
-        let msg = LinkBridge::new(name).mtu(mtu).address(mac.to_vec()).up().build();
+        let msg = LinkBridge::new(name)
+            .mtu(mtu)
+            .address(mac.to_vec())
+            .up()
+            .build();
         match self.handle.link().add(msg).execute().await {
             Ok(()) => {}
             Err(e) if is_errno(&e, libc::EEXIST) => {}
             Err(e) => return Err(request("create bridge", name)(e)),
         }
-        let link = self.link(name).await?.ok_or_else(|| NetlinkError::NotFound {
-            what: "bridge",
-            name: name.to_string(),
-        })?;
+        let link = self
+            .link(name)
+            .await?
+            .ok_or_else(|| NetlinkError::NotFound {
+                what: "bridge",
+                name: name.to_string(),
+            })?;
         check_kind(link, name, InfoKind::Bridge, "bridge")
     }
 
@@ -302,7 +327,10 @@ impl Netlink {
         bridge: u32,
         hairpin: bool,
     ) -> Result<(), NetlinkError> {
-        let msg = LinkUnspec::new_with_index(port).controller(bridge).up().build();
+        let msg = LinkUnspec::new_with_index(port)
+            .controller(bridge)
+            .up()
+            .build();
         self.handle
             .link()
             .set(msg)
@@ -323,7 +351,12 @@ impl Netlink {
 
     /// Adds `addr` to interface `index` (no DAD: the address is usable at once); already
     /// present is fine.
-    pub async fn ensure_address(&self, index: u32, name: &str, addr: IpNetwork) -> Result<(), NetlinkError> {
+    pub async fn ensure_address(
+        &self,
+        index: u32,
+        name: &str,
+        addr: IpNetwork,
+    ) -> Result<(), NetlinkError> {
         let mut req = self.handle.address().add(index, addr.ip(), addr.prefix());
         req.message_mut()
             .attributes
@@ -356,7 +389,10 @@ impl Netlink {
             .map_err(|e| invalid(e.to_string()))?
             .output_interface(index);
         builder = match gw {
-            Some(gw) => builder.gateway(gw).map_err(|e| invalid(e.to_string()))?.onlink(),
+            Some(gw) => builder
+                .gateway(gw)
+                .map_err(|e| invalid(e.to_string()))?
+                .onlink(),
             None => builder.scope(RouteScope::Link),
         };
         match self.handle.route().add(builder.build()).execute().await {
@@ -367,7 +403,12 @@ impl Netlink {
     }
 
     /// A permanent neighbour entry, so the pod never has to resolve its gateway.
-    pub async fn ensure_neighbour(&self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<(), NetlinkError> {
+    pub async fn ensure_neighbour(
+        &self,
+        index: u32,
+        ip: IpAddr,
+        mac: [u8; 6],
+    ) -> Result<(), NetlinkError> {
         self.handle
             .neighbours()
             .add(index, ip)
@@ -380,14 +421,21 @@ impl Netlink {
     }
 }
 
-fn check_kind(link: LinkMessage, name: &str, kind: InfoKind, wanted: &'static str) -> Result<LinkMessage, NetlinkError> {
+fn check_kind(
+    link: LinkMessage,
+    name: &str,
+    kind: InfoKind,
+    wanted: &'static str,
+) -> Result<LinkMessage, NetlinkError> {
     let found = link_kind(&link);
     if found.as_ref() == Some(&kind) {
         Ok(link)
     } else {
         Err(NetlinkError::WrongKind {
             name: name.to_string(),
-            found: found.map(|k| k.to_string()).unwrap_or_else(|| "device".into()),
+            found: found
+                .map(|k| k.to_string())
+                .unwrap_or_else(|| "device".into()),
             wanted,
         })
     }
@@ -423,6 +471,14 @@ pub fn link_name(link: &LinkMessage) -> Option<&str> {
     })
 }
 
+/// The ifindex of a veth's peer (IFLA_LINK), in the peer's namespace.
+pub fn link_peer_index(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Link(i) => Some(*i),
+        _ => None,
+    })
+}
+
 /// The link's alias.
 pub fn link_alias(link: &LinkMessage) -> Option<&str> {
     link.attributes.iter().find_map(|a| match a {
@@ -433,7 +489,10 @@ pub fn link_alias(link: &LinkMessage) -> Option<&str> {
 
 /// Lower-case colon-separated MAC.
 pub fn format_mac(mac: &[u8]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn is_errno(err: &rtnetlink::Error, errno: i32) -> bool {

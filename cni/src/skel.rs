@@ -109,7 +109,10 @@ fn dispatch(
             .ok()
             .and_then(|v| v["cniVersion"].as_str().map(str::to_string));
         let answer = spec::version_info(conf_version.as_deref());
-        let version = answer["cniVersion"].as_str().unwrap_or_default().to_string();
+        let version = answer["cniVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         return (version, Ok(Reply::Version(answer)));
     }
     let args = match CmdArgs::from_env(&env, stdin) {

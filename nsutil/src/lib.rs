@@ -153,7 +153,7 @@ impl AsFd for NetNs {
 fn is_net_namespace(file: &File) -> bool {
     const NSFS_MAGIC: i64 = 0x6e73_6673;
     match nix::sys::statfs::fstatfs(file) {
-        Ok(stat) => stat.filesystem_type().0 as i64 == NSFS_MAGIC,
+        Ok(stat) => stat.filesystem_type().0 == NSFS_MAGIC,
         Err(_) => false,
     }
 }
@@ -302,11 +302,18 @@ mod tests {
         {
             let ns = NamedNetNs::create(&name).expect("create netns (needs root)");
             let here = NetNs::current().unwrap().inode().unwrap();
-            let inner = ns.run(|| NetNs::current().unwrap().inode().unwrap()).unwrap();
-            assert_ne!(here, inner, "the worker thread must be in the new namespace");
+            let inner = ns
+                .run(|| NetNs::current().unwrap().inode().unwrap())
+                .unwrap();
+            assert_ne!(
+                here, inner,
+                "the worker thread must be in the new namespace"
+            );
             assert_eq!(ns.inode().unwrap(), inner);
             assert_eq!(NetNs::current().unwrap().inode().unwrap(), here);
-            write_sysctl(&ns, "net/ipv4/ip_forward", "1").unwrap().unwrap();
+            write_sysctl(&ns, "net/ipv4/ip_forward", "1")
+                .unwrap()
+                .unwrap();
             let fwd = ns
                 .run(|| fs::read_to_string("/proc/sys/net/ipv4/ip_forward"))
                 .unwrap()

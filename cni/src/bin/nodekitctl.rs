@@ -1,1 +1,161 @@
-fn main(){}
+//! `nodekitctl`: administer nodekit's IPAM datastore (pools, usage, leak check and release).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ipnetwork::IpNetwork;
+use nodekit_cni::ctl::{self, Format};
+use nodekit_cni::ipam::config::{DatastoreConf, DEFAULT_FILE_DATASTORE};
+
+/// Administer nodekit's IPAM: pools, usage, leaked allocations.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Datastore backend.
+    #[arg(long, value_enum, default_value = "file")]
+    datastore: Backend,
+    /// Directory of the file datastore (the `ipam.datastore.path` of the network config).
+    #[arg(long, env = "NODEKIT_DATASTORE_PATH", default_value = DEFAULT_FILE_DATASTORE)]
+    path: PathBuf,
+    /// Output format of reports.
+    #[arg(long, short, value_enum, default_value = "table", global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    /// The embedded file store.
+    File,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Top {
+    /// IP address management.
+    #[command(subcommand)]
+    Ipam(Ipam),
+}
+
+#[derive(Subcommand)]
+enum Ipam {
+    /// Manage IP pools.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Usage per pool and per block (size, used, affinity).
+    Show,
+    /// List allocations whose attachment no longer exists.
+    Check {
+        /// Only handles allocated by this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Release allocations by handle, by address, or everything `check` finds.
+    Release {
+        /// Handle ID (NETWORK.CONTAINERID.IFNAME).
+        #[arg(long)]
+        handle: Vec<String>,
+        /// An allocated address.
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        /// Release what `ipam check` reports.
+        #[arg(long)]
+        from_check: bool,
+        /// With --from-check: only this node's handles.
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// Add a pool (no-op when an identical one exists).
+    Add {
+        /// Pool name.
+        name: String,
+        /// Range, network-aligned (10.244.0.0/16, fd00:10::/64).
+        cidr: IpNetwork,
+        /// Block prefix length (default 26 for IPv4, 122 for IPv6).
+        #[arg(long)]
+        block_size: Option<u8>,
+        /// Create it disabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// List pools.
+    List,
+    /// Stop new allocations from a pool (existing ones stay).
+    Disable {
+        /// Pool name.
+        name: String,
+    },
+    /// Allow allocations from a disabled pool again.
+    Enable {
+        /// Pool name.
+        name: String,
+    },
+    /// Remove a pool that holds no allocations.
+    Remove {
+        /// Pool name.
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    nodekit_cni::skel::init_logging();
+    let cli = Cli::parse();
+    let format = match cli.output {
+        Output::Table => Format::Table,
+        Output::Json => Format::Json,
+    };
+    let conf = match cli.datastore {
+        Backend::File => DatastoreConf::File { path: cli.path },
+    };
+    let result = conf.open().and_then(|store| {
+        let store = store.as_ref();
+        match cli.command {
+            Top::Ipam(Ipam::Pool(PoolCmd::Add {
+                name,
+                cidr,
+                block_size,
+                disabled,
+            })) => ctl::pool_add(store, &name, cidr, block_size, disabled),
+            Top::Ipam(Ipam::Pool(PoolCmd::List)) => ctl::pool_list(store, format),
+            Top::Ipam(Ipam::Pool(PoolCmd::Disable { name })) => {
+                ctl::pool_set_disabled(store, &name, true)
+            }
+            Top::Ipam(Ipam::Pool(PoolCmd::Enable { name })) => {
+                ctl::pool_set_disabled(store, &name, false)
+            }
+            Top::Ipam(Ipam::Pool(PoolCmd::Remove { name })) => ctl::pool_remove(store, &name),
+            Top::Ipam(Ipam::Show) => ctl::show(store, format),
+            Top::Ipam(Ipam::Check { node }) => {
+                ctl::check(store, node.as_deref()).map(|f| ctl::render_findings(&f, format))
+            }
+            Top::Ipam(Ipam::Release {
+                handle,
+                ip,
+                from_check,
+                node,
+            }) => ctl::release(store, &handle, &ip, from_check.then_some(node.as_deref())),
+        }
+    });
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nodekitctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

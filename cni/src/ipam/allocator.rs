@@ -83,7 +83,11 @@ pub fn assign(
     let candidates = candidate_pools(state, pool_names)?;
     let mut assigned = Vec::new();
     for v4 in [true, false] {
-        let family: Vec<Pool> = candidates.iter().filter(|p| p.is_v4() == v4).cloned().collect();
+        let family: Vec<Pool> = candidates
+            .iter()
+            .filter(|p| p.is_v4() == v4)
+            .cloned()
+            .collect();
         if family.is_empty() {
             continue;
         }
@@ -185,9 +189,13 @@ pub fn ensure_pool(state: &mut IpamState, pool: Pool, set_disabled: bool) -> Res
                 )));
             }
         } else if existing.cidr.is_ipv4() == pool.cidr.is_ipv4()
-            && (existing.cidr.contains(pool.cidr.network()) || pool.cidr.contains(existing.cidr.network()))
+            && (existing.cidr.contains(pool.cidr.network())
+                || pool.cidr.contains(existing.cidr.network()))
         {
-            return Err(conflict(format!("{} overlaps {}", pool.cidr, existing.cidr)));
+            return Err(conflict(format!(
+                "{} overlaps {}",
+                pool.cidr, existing.cidr
+            )));
         }
     }
     let disabled = if set_disabled {
@@ -204,7 +212,9 @@ pub fn ensure_pool(state: &mut IpamState, pool: Pool, set_disabled: bool) -> Res
 /// Removes an empty pool and its (empty) blocks.
 pub fn remove_pool(state: &mut IpamState, name: &str) -> Result<(), IpamError> {
     if !state.pools.contains_key(name) {
-        return Err(IpamError::UnknownPool { name: name.to_string() });
+        return Err(IpamError::UnknownPool {
+            name: name.to_string(),
+        });
     }
     let used: u128 = state
         .blocks
@@ -213,7 +223,10 @@ pub fn remove_pool(state: &mut IpamState, name: &str) -> Result<(), IpamError> {
         .map(|b| b.allocations.len() as u128)
         .sum();
     if used > 0 {
-        return Err(IpamError::PoolInUse { name: name.to_string(), used });
+        return Err(IpamError::PoolInUse {
+            name: name.to_string(),
+            used,
+        });
     }
     state.blocks.retain(|_, b| b.pool != name);
     state.pools.remove(name);
@@ -228,9 +241,11 @@ fn candidate_pools(
         Some(names) => names
             .iter()
             .map(|n| {
-                state.pools.get(n).cloned().ok_or_else(|| IpamError::UnknownPool {
-                    name: n.clone(),
-                })
+                state
+                    .pools
+                    .get(n)
+                    .cloned()
+                    .ok_or_else(|| IpamError::UnknownPool { name: n.clone() })
             })
             .collect::<Result<_, _>>()?,
         None => state.pools.values().cloned().collect(),
@@ -355,7 +370,10 @@ mod tests {
         }
         // 5 usable per /29: two blocks claimed, both with affinity n1.
         assert_eq!(state.blocks.len(), 2);
-        assert!(state.blocks.values().all(|b| b.affinity.as_deref() == Some("n1")));
+        assert!(state
+            .blocks
+            .values()
+            .all(|b| b.affinity.as_deref() == Some("n1")));
         let first = assign(&mut state, handle("h0", "n1"), None).unwrap();
         assert_eq!(first[0].address.to_string(), "10.0.0.2/29");
         assert_eq!(first[0].gateway.to_string(), "10.0.0.1");
@@ -377,11 +395,17 @@ mod tests {
         let a = assign(&mut state, handle("a", "n1"), None).unwrap();
         assign(&mut state, handle("b", "n1"), None).unwrap();
         assert!(release(&mut state, "a").is_some());
-        assert!(release(&mut state, "a").is_none(), "second release is a no-op");
+        assert!(
+            release(&mut state, "a").is_none(),
+            "second release is a no-op"
+        );
         let used: usize = state.blocks.values().map(|b| b.allocations.len()).sum();
         assert_eq!(used, 1);
         let c = assign(&mut state, handle("c", "n1"), None).unwrap();
-        assert_eq!(c[0].address, a[0].address, "the freed address is reused first");
+        assert_eq!(
+            c[0].address, a[0].address,
+            "the freed address is reused first"
+        );
     }
 
     #[test]
@@ -395,7 +419,15 @@ mod tests {
         let mut attempt = state.clone();
         let err = assign(&mut attempt, handle("h2", "n1"), None).unwrap_err();
         let msg = err.to_string();
-        for needle in ["IPv6", "v6", "fd00::/126", "2 usable", "2 in use", "n1 2", "pool add"] {
+        for needle in [
+            "IPv6",
+            "v6",
+            "fd00::/126",
+            "2 usable",
+            "2 in use",
+            "n1 2",
+            "pool add",
+        ] {
             assert!(msg.contains(needle), "{needle:?} missing in {msg}");
         }
         assert_eq!(state, before);

@@ -37,7 +37,8 @@ pub struct IpamConf {
     /// Where pools, blocks and handles are kept.
     #[serde(default)]
     pub datastore: DatastoreConf,
-    /// Pools to ensure exist; when given, ADD assigns from these pools only.
+    /// Pools to ensure exist (idempotent); ADD assigns from every enabled pool unless
+    /// CNI_ARGS `IP_POOLS=a,b` names some.
     #[serde(default)]
     pub pools: Vec<PoolConf>,
     /// The node allocating (blocks get affinity to it); defaults to the config's `nodeName`,

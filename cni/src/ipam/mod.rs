@@ -3,6 +3,7 @@
 //! embedded crash-safe file backend ([`file_store`]), and the `nodekit-ipam` plugin ([`plugin`]).
 
 pub mod allocator;
+pub mod check;
 pub mod config;
 pub mod file_store;
 pub mod model;

@@ -84,7 +84,10 @@ impl Pool {
         if !(min..=max).contains(&self.block_size) {
             return Err(invalid(
                 "blockSize",
-                format!("{} is outside {min}..={max} for this family", self.block_size),
+                format!(
+                    "{} is outside {min}..={max} for this family",
+                    self.block_size
+                ),
             ));
         }
         if self.block_size < self.cidr.prefix() {
@@ -310,7 +313,9 @@ mod tests {
         assert_eq!(pool.block_cidr(0).to_string(), "10.244.0.0/26");
         assert_eq!(pool.block_cidr(5).to_string(), "10.244.1.64/26");
         assert_eq!(
-            pool.block_of("10.244.1.70".parse().unwrap()).unwrap().to_string(),
+            pool.block_of("10.244.1.70".parse().unwrap())
+                .unwrap()
+                .to_string(),
             "10.244.1.64/26"
         );
         assert_eq!(pool.usable_per_block(), 61);

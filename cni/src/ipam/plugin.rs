@@ -43,12 +43,11 @@ impl Request {
         })
     }
 
-    /// Pools an ADD may use: CNI_ARGS `IP_POOLS=a,b`, else the configured ones, else all.
+    /// Pools an ADD may use: CNI_ARGS `IP_POOLS=a,b`, else every pool in the datastore
+    /// (so a pool added with `nodekitctl` relieves exhaustion at once).
     fn pool_names(&self, args: &CmdArgs) -> Option<Vec<String>> {
-        if let Some(list) = args.arg("IP_POOLS") {
-            return Some(list.split(',').map(str::to_string).collect());
-        }
-        (!self.pools.is_empty()).then(|| self.pools.iter().map(|p| p.name.clone()).collect())
+        args.arg("IP_POOLS")
+            .map(|list| list.split(',').map(str::to_string).collect())
     }
 
     fn ensure_pools(&self, state: &mut super::model::IpamState) -> Result<(), IpamError> {
@@ -97,7 +96,9 @@ impl Plugin for IpamPlugin {
     fn del(&self, args: &CmdArgs, _conf: &NetConfHeader) -> Result<(), ErrorResult> {
         let req = Request::new(args)?;
         let id = req.handle_id(args);
-        let released = transact_with(req.store.as_ref(), |state| Ok(allocator::release(state, &id)))?;
+        let released = transact_with(req.store.as_ref(), |state| {
+            Ok(allocator::release(state, &id))
+        })?;
         tracing::info!(handle = %id, released = released.is_some(), "released");
         Ok(())
     }
@@ -147,7 +148,9 @@ impl Plugin for IpamPlugin {
                 .values()
                 .filter(|h| h.network == req.conf.name && h.node == req.node)
                 .filter(|h| {
-                    !valid.iter().any(|v| v.container_id == h.container_id && v.ifname == h.ifname)
+                    !valid
+                        .iter()
+                        .any(|v| v.container_id == h.container_id && v.ifname == h.ifname)
                 })
                 .map(|h| h.id.clone())
                 .collect();

@@ -72,7 +72,10 @@ impl NodekitConf {
             reason,
         };
         if !(68..=65535).contains(&conf.mtu) {
-            return Err(invalid("mtu", format!("{} is outside 68..=65535", conf.mtu)));
+            return Err(invalid(
+                "mtu",
+                format!("{} is outside 68..=65535", conf.mtu),
+            ));
         }
         if conf.mode == Mode::Bridge {
             validate_ifname(&conf.bridge)
@@ -87,7 +90,10 @@ impl NodekitConf {
 
     /// The IPAM plugin to delegate to.
     pub fn ipam_type(&self) -> &str {
-        self.ipam.as_ref().map(|i| i.ipam_type.as_str()).unwrap_or_default()
+        self.ipam
+            .as_ref()
+            .map(|i| i.ipam_type.as_str())
+            .unwrap_or_default()
     }
 }
 
@@ -104,7 +110,10 @@ mod tests {
         for (bad, field) in [
             (r#"{"mode":"tunnel","ipam":{"type":"x"}}"#, "tunnel"),
             (r#"{"mtu":20,"ipam":{"type":"x"}}"#, "mtu"),
-            (r#"{"bridge":"much-too-long-bridge","ipam":{"type":"x"}}"#, "bridge"),
+            (
+                r#"{"bridge":"much-too-long-bridge","ipam":{"type":"x"}}"#,
+                "bridge",
+            ),
             (r#"{"name":"n"}"#, "ipam.type"),
         ] {
             let err = NodekitConf::parse(bad.as_bytes()).unwrap_err();

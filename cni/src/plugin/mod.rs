@@ -148,7 +148,8 @@ impl Plugin for NodekitPlugin {
             pod_ns: &pod_ns,
             ipam: &ipam,
         };
-        let wired = fault("after-ipam").and_then(|()| rt.block_on(wiring::attach(&attachment, fault)));
+        let wired =
+            fault("after-ipam").and_then(|()| rt.block_on(wiring::attach(&attachment, fault)));
         match wired {
             Ok(result) => Ok(chain(prev, result)),
             Err(err) => {
@@ -166,7 +167,8 @@ impl Plugin for NodekitPlugin {
 
     fn del(&self, args: &CmdArgs, _header: &NetConfHeader) -> Result<(), ErrorResult> {
         let conf = NodekitConf::parse(&args.stdin)?;
-        let unwired = runtime().and_then(|rt| rt.block_on(wiring::detach(&args.container_id, &args.ifname)));
+        let unwired =
+            runtime().and_then(|rt| rt.block_on(wiring::detach(&args.container_id, &args.ifname)));
         // The IPAM release is always reached, whatever happened to the interfaces.
         delegate::run(conf.ipam_type(), "DEL", args)?;
         unwired.map_err(Into::into)
@@ -246,7 +248,11 @@ async fn check_wiring(
     }
     let pod = Netlink::connect_in(pod_ns)?;
     let link = pod.link(&args.ifname).await?.ok_or_else(|| {
-        PluginError::Check(format!("interface {} is missing in {}", args.ifname, pod_ns.path().display()))
+        PluginError::Check(format!(
+            "interface {} is missing in {}",
+            args.ifname,
+            pod_ns.path().display()
+        ))
     })?;
     let present = pod.addresses(link.header.index).await?;
     let ours = prev
@@ -270,7 +276,10 @@ async fn check_wiring(
                 })
         });
         if !found {
-            return Err(PluginError::Check(format!("route to {} is missing in the pod", route.dst)));
+            return Err(PluginError::Check(format!(
+                "route to {} is missing in the pod",
+                route.dst
+            )));
         }
     }
     Ok(())

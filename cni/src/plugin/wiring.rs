@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use super::config::{Mode, NodekitConf};
 use super::PluginError;
-use crate::netlink::{link_mac, link_name, Netlink};
+use crate::netlink::{link_mac, link_name, link_peer_index, Netlink};
 use crate::spec::{CniResult, Interface, IpConfig, Route};
 
 /// The MAC of every host veth in routed mode (as Calico): pods resolve their gateway to it.
@@ -17,7 +17,8 @@ pub const ROUTED_HOST_MAC: [u8; 6] = [0xee; 6];
 /// The IPv4 gateway pods use in routed mode, answered by the host veth.
 pub const ROUTED_GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// The IPv6 gateway in routed mode: the link-local address derived from [`ROUTED_HOST_MAC`].
-pub const ROUTED_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+pub const ROUTED_GATEWAY_V6: Ipv6Addr =
+    Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
 /// Prefix of the alias tagging host veths with their attachment, for GC.
 pub const ALIAS_PREFIX: &str = "nodekit";
 
@@ -57,45 +58,82 @@ pub struct Attachment<'a> {
 
 /// Wires the attachment; returns the result (interfaces, ips, routes). On error the caller
 /// removes the host veth, which takes the pod end and the host routes with it.
-pub async fn attach(at: &Attachment<'_>, fault: impl Fn(&str) -> Result<(), PluginError>) -> Result<CniResult, PluginError> {
+pub async fn attach(
+    at: &Attachment<'_>,
+    fault: impl Fn(&str) -> Result<(), PluginError>,
+) -> Result<CniResult, PluginError> {
     let conf = at.conf;
     let host_name = host_veth_name(at.container_id, at.ifname);
     let node = Netlink::connect()?;
     let pod = Netlink::connect_in(at.pod_ns)?;
-    // A leftover pair from an earlier ADD of this attachment is replaced.
-    node.delete_link(&host_name).await?;
-    if pod.link(at.ifname).await?.is_some() {
-        return Err(PluginError::InterfaceExists {
-            ifname: at.ifname.to_string(),
-            netns: at.pod_ns.path().display().to_string(),
-        });
-    }
     let routed = conf.mode == Mode::Routed;
-    node.create_veth(&host_name, at.ifname, at.pod_ns, conf.mtu, routed.then_some(ROUTED_HOST_MAC))
+    // A repeated ADD finds its own pair and re-applies the (idempotent) configuration without
+    // disturbing the running pod; a host veth without its pod end is a leftover and replaced.
+    let existing = node.link(&host_name).await?;
+    let pod_end = pod.link(at.ifname).await?;
+    let reuse = match (&existing, &pod_end) {
+        (Some(host), Some(peer)) => link_peer_index(peer) == Some(host.header.index),
+        _ => false,
+    };
+    if !reuse {
+        if existing.is_some() {
+            node.delete_link(&host_name).await?;
+        }
+        if pod.link(at.ifname).await?.is_some() {
+            return Err(PluginError::InterfaceExists {
+                ifname: at.ifname.to_string(),
+                netns: at.pod_ns.path().display().to_string(),
+            });
+        }
+        node.create_veth(
+            &host_name,
+            at.ifname,
+            at.pod_ns,
+            conf.mtu,
+            routed.then_some(ROUTED_HOST_MAC),
+        )
         .await?;
+    }
     fault("after-veth")?;
-    let host = node.link(&host_name).await?.ok_or_else(|| PluginError::Vanished {
-        what: host_name.clone(),
-    })?;
+    let host = node
+        .link(&host_name)
+        .await?
+        .ok_or_else(|| PluginError::Vanished {
+            what: host_name.clone(),
+        })?;
     let host_index = host.header.index;
-    node.set_alias(host_index, &host_name, &host_veth_alias(&conf.name, at.container_id, at.ifname))
-        .await?;
+    node.set_alias(
+        host_index,
+        &host_name,
+        &host_veth_alias(&conf.name, at.container_id, at.ifname),
+    )
+    .await?;
 
     let mut interfaces = Vec::new();
     match conf.mode {
         Mode::Bridge => {
-            let bridge = node.ensure_bridge(&conf.bridge, conf.mtu, bridge_mac(&conf.bridge)).await?;
+            let bridge = node
+                .ensure_bridge(&conf.bridge, conf.mtu, bridge_mac(&conf.bridge))
+                .await?;
             for ip in &at.ipam.ips {
                 if let Some(gw) = ip.gateway {
-                    let gw_net = IpNetwork::new(gw, ip.address.prefix()).map_err(|e| PluginError::Config {
-                        field: "ipam result gateway".into(),
-                        reason: e.to_string(),
+                    let gw_net = IpNetwork::new(gw, ip.address.prefix()).map_err(|e| {
+                        PluginError::Config {
+                            field: "ipam result gateway".into(),
+                            reason: e.to_string(),
+                        }
                     })?;
-                    node.ensure_address(bridge.header.index, &conf.bridge, gw_net).await?;
+                    node.ensure_address(bridge.header.index, &conf.bridge, gw_net)
+                        .await?;
                 }
             }
-            node.attach_to_bridge(host_index, &host_name, bridge.header.index, conf.hairpin_mode)
-                .await?;
+            node.attach_to_bridge(
+                host_index,
+                &host_name,
+                bridge.header.index,
+                conf.hairpin_mode,
+            )
+            .await?;
             interfaces.push(Interface {
                 name: conf.bridge.clone(),
                 mac: link_mac(&bridge),
@@ -106,7 +144,8 @@ pub async fn attach(at: &Attachment<'_>, fault: impl Fn(&str) -> Result<(), Plug
             configure_routed_host(&host_name)?;
             node.set_up(host_index, &host_name).await?;
             for ip in &at.ipam.ips {
-                node.ensure_route(host_route(ip.address.ip()), None, host_index, &host_name).await?;
+                node.ensure_route(host_route(ip.address.ip()), None, host_index, &host_name)
+                    .await?;
             }
         }
     }
@@ -117,9 +156,12 @@ pub async fn attach(at: &Attachment<'_>, fault: impl Fn(&str) -> Result<(), Plug
     });
     fault("after-host")?;
 
-    let pod_link = pod.link(at.ifname).await?.ok_or_else(|| PluginError::Vanished {
-        what: at.ifname.to_string(),
-    })?;
+    let pod_link = pod
+        .link(at.ifname)
+        .await?
+        .ok_or_else(|| PluginError::Vanished {
+            what: at.ifname.to_string(),
+        })?;
     let pod_index = pod_link.header.index;
     let mut ips = Vec::new();
     for ip in &at.ipam.ips {
@@ -129,7 +171,7 @@ pub async fn attach(at: &Attachment<'_>, fault: impl Fn(&str) -> Result<(), Plug
         };
         pod.ensure_address(pod_index, at.ifname, address).await?;
         ips.push(IpConfig {
-            address: ip.address,
+            address,
             gateway: Some(pod_gateway(conf.mode, ip)),
             interface: Some(interfaces.len()),
         });
@@ -141,13 +183,15 @@ pub async fn attach(at: &Attachment<'_>, fault: impl Fn(&str) -> Result<(), Plug
             if let Some(gw) = ip.gateway {
                 pod.ensure_neighbour(pod_index, gw, ROUTED_HOST_MAC).await?;
                 if gw.is_ipv4() {
-                    pod.ensure_route(host_route(gw), None, pod_index, at.ifname).await?;
+                    pod.ensure_route(host_route(gw), None, pod_index, at.ifname)
+                        .await?;
                 }
             }
         }
     }
     for route in &routes {
-        pod.ensure_route(route.dst, route.gw, pod_index, at.ifname).await?;
+        pod.ensure_route(route.dst, route.gw, pod_index, at.ifname)
+            .await?;
     }
     fault("after-pod")?;
     interfaces.push(Interface {
@@ -168,7 +212,8 @@ pub async fn attach(at: &Attachment<'_>, fault: impl Fn(&str) -> Result<(), Plug
 /// Removes the host veth (and with it the pod end and host routes); `Ok` when already gone.
 pub async fn detach(container_id: &str, ifname: &str) -> Result<(), PluginError> {
     let node = Netlink::connect()?;
-    node.delete_link(&host_veth_name(container_id, ifname)).await?;
+    node.delete_link(&host_veth_name(container_id, ifname))
+        .await?;
     Ok(())
 }
 
@@ -202,7 +247,10 @@ fn pod_routes(ipam: &CniResult, ips: &[IpConfig]) -> Vec<Route> {
                     .find(|ip| ip.address.is_ipv4() == r.dst.is_ipv4())
                     .and_then(|ip| ip.gateway)
             })?;
-            Some(Route { dst: r.dst, gw: Some(gw) })
+            Some(Route {
+                dst: r.dst,
+                gw: Some(gw),
+            })
         })
         .collect()
 }

@@ -86,8 +86,9 @@ impl CmdArgs {
         stdin: Vec<u8>,
     ) -> Result<Self, ErrorResult> {
         let invalid = |msg: String| ErrorResult::new(code::INVALID_ENV, msg);
-        let raw_command = get("CNI_COMMAND")
-            .ok_or_else(|| invalid("required environment variable CNI_COMMAND is missing".into()))?;
+        let raw_command = get("CNI_COMMAND").ok_or_else(|| {
+            invalid("required environment variable CNI_COMMAND is missing".into())
+        })?;
         let command = Command::parse(&raw_command).ok_or_else(|| {
             invalid(format!(
                 "CNI_COMMAND={raw_command:?} is not one of ADD, DEL, CHECK, STATUS, VERSION, GC"
@@ -113,7 +114,9 @@ impl CmdArgs {
         };
         let netns = match command {
             Command::Add | Command::Check => Some(PathBuf::from(required("CNI_NETNS")?)),
-            Command::Del => get("CNI_NETNS").filter(|v| !v.is_empty()).map(PathBuf::from),
+            Command::Del => get("CNI_NETNS")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
             _ => None,
         };
         let path = match command {
@@ -170,9 +173,15 @@ fn validate_container_id(id: &str) -> Result<(), String> {
 /// Linux interface names: 1-15 bytes, not `.`/`..`, no `/`, `:` or whitespace.
 pub(crate) fn validate_ifname(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 15 {
-        return Err(format!("CNI_IFNAME {name:?} must be 1 to 15 characters long"));
+        return Err(format!(
+            "CNI_IFNAME {name:?} must be 1 to 15 characters long"
+        ));
     }
-    if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
     {
         return Err(format!(
             "CNI_IFNAME {name:?} is not a valid interface name (no '/', ':' or spaces)"
@@ -207,7 +216,11 @@ mod tests {
         assert_eq!(args.path.len(), 2);
         assert_eq!(args.arg("K8S_POD_NAME"), Some("web"));
         for missing in ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"] {
-            let partial: Vec<_> = full.iter().copied().filter(|(k, _)| *k != missing).collect();
+            let partial: Vec<_> = full
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != missing)
+                .collect();
             let err = CmdArgs::from_env(env(&partial), vec![]).unwrap_err();
             assert_eq!(err.code, code::INVALID_ENV);
             assert!(err.msg.contains(missing), "{}", err.msg);
@@ -222,7 +235,10 @@ mod tests {
             ("CNI_IFNAME", "eth0"),
             ("CNI_PATH", "/x"),
         ];
-        assert!(CmdArgs::from_env(env(&del), vec![]).unwrap().netns.is_none());
+        assert!(CmdArgs::from_env(env(&del), vec![])
+            .unwrap()
+            .netns
+            .is_none());
         let status = [("CNI_COMMAND", "STATUS"), ("CNI_PATH", "/x")];
         assert_eq!(
             CmdArgs::from_env(env(&status), vec![]).unwrap().command,
