@@ -484,3 +484,49 @@ fn ipam_check_finds_and_release_frees_a_leaked_attachment() {
         serde_json::from_str(&ctl(&["-o", "json", "ipam", "show"])).unwrap();
     assert_eq!(json["pools"][0]["used"], 1);
 }
+
+#[test]
+fn hairpin_mode_is_set_on_the_bridge_port_only_when_asked() {
+    use netlink_packet_route::link::{InfoBridgePort, InfoPortData, LinkAttribute, LinkInfo};
+    let node = Node::new();
+    let mut conf = node.conf("1.1.0", "bridge", pools());
+    let hairpin_of = |host: String| -> Option<bool> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let link = node
+            .ns
+            .run(|| {
+                rt.block_on(async { nodekit_cni::netlink::Netlink::connect()?.link(&host).await })
+            })
+            .unwrap()
+            .unwrap()
+            .expect("host veth exists");
+        link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
+                    port.iter().find_map(|p| match p {
+                        InfoBridgePort::HairpinMode(on) => Some(*on),
+                        _ => None,
+                    })
+                }
+                _ => None,
+            }),
+            _ => None,
+        })
+    };
+    let plain = Pod::new();
+    let added = node.add(&conf, "plain", &plain).expect_ok();
+    assert_eq!(
+        hairpin_of(added.out["interfaces"][1]["name"].as_str().unwrap().into()),
+        Some(false)
+    );
+    conf["hairpinMode"] = json!(true);
+    let hairpin = Pod::new();
+    let added = node.add(&conf, "hairpin", &hairpin).expect_ok();
+    assert_eq!(
+        hairpin_of(added.out["interfaces"][1]["name"].as_str().unwrap().into()),
+        Some(true)
+    );
+}
