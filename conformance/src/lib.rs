@@ -5,6 +5,7 @@
 //!
 //! Suites: `cni` (see [`cni`]).
 
+pub mod bench;
 pub mod cni;
 pub mod inspect;
 pub mod lab;
