@@ -18,14 +18,14 @@ fn dual_pools() -> serde_json::Value {
 }
 
 #[test]
-fn bridge_mode_pods_on_one_node_reach_each_other() {
+fn bridge_mode_dual_stack_pods_on_one_node_reach_each_other() {
     let node = Node::new();
-    let conf = node.conf("1.1.0", "bridge", pools());
+    let conf = node.conf("1.1.0", "bridge", dual_pools());
     let (a, b) = (Pod::new(), Pod::new());
     let ra = node.add(&conf, "ctr-a", &a).expect_ok();
     let rb = node.add(&conf, "ctr-b", &b).expect_ok();
-    assert_eq!(ra.ips(), vec!["10.244.0.2/26"]);
-    assert_eq!(rb.ips(), vec!["10.244.0.3/26"]);
+    assert_eq!(ra.ips(), vec!["10.244.0.2/26", "fd00:244::2/122"]);
+    assert_eq!(rb.ips(), vec!["10.244.0.3/26", "fd00:244::3/122"]);
     // interfaces: bridge, host veth, pod; the IP points at the pod interface.
     assert_eq!(ra.out["interfaces"][0]["name"], "nkt0");
     assert_eq!(ra.out["interfaces"][2]["sandbox"], a.path());
@@ -34,6 +34,11 @@ fn bridge_mode_pods_on_one_node_reach_each_other() {
     assert!(a.ping(&rb.ip()), "ping a -> b");
     assert!(b.tcp_to(&a, &ra.ip()), "tcp b -> a");
     assert!(a.ping("10.244.0.1"), "the gateway on the bridge answers");
+    assert!(a.ping("fd00:244::3"), "ping v6 a -> b");
+    assert!(
+        a.ping("fd00:244::1"),
+        "the v6 gateway on the bridge answers"
+    );
 }
 
 #[test]

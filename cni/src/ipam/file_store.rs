@@ -129,33 +129,46 @@ impl FileStore {
         move |source| IpamError::Io { op, path, source }
     }
 
-    /// Takes the store lock, waiting as long as the lock keeps changing hands.
-    fn lock(&self) -> Result<Flock<File>, IpamError> {
-        let path = self.path("lock");
-        let mut file = OpenOptions::new()
+    fn open_lock_file(&self) -> Result<File, IpamError> {
+        OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
-            .open(&path)
-            .map_err(self.io("opening", "lock"))?;
+            .open(self.path("lock"))
+            .map_err(self.io("opening", "lock"))
+    }
+
+    /// Takes the store lock, waiting as long as the lock keeps changing hands. Uncontended it
+    /// is one non-blocking `flock`; contended, a helper thread blocks in `flock` on its own
+    /// descriptor (so the lock is handed over the moment it is free, no polling) while this
+    /// thread watches the holder's stamp for the timeout. A helper whose caller gave up
+    /// releases the lock as soon as it gets it.
+    fn lock(&self) -> Result<Flock<File>, IpamError> {
+        let locking = |errno: nix::errno::Errno| IpamError::Io {
+            op: "locking",
+            path: self.path("lock"),
+            source: errno.into(),
+        };
+        let file = match Flock::lock(self.open_lock_file()?, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return self.stamped(lock),
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) => file,
+            Err((_, errno)) => return Err(locking(errno)),
+        };
+        let waiter = self.open_lock_file()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // If the receiver is gone the lock comes back in the error and is dropped: unlocked.
+            let _ = tx.send(Flock::lock(waiter, FlockArg::LockExclusive));
+        });
         let mut seen: Option<(String, Instant)> = None;
-        let mut pause = Duration::from_micros(50);
         loop {
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => {
-                    let stamp = format!("{:>10} {:>20}\n", std::process::id(), now_ms());
-                    lock.write_at(stamp.as_bytes(), STAMP_OFFSET)
-                        .map_err(self.io("stamping", "lock"))?;
-                    return Ok(lock);
-                }
-                Err((f, nix::errno::Errno::EWOULDBLOCK)) => file = f,
-                Err((_, errno)) => {
-                    return Err(IpamError::Io {
-                        op: "locking",
-                        path,
-                        source: errno.into(),
-                    })
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(Ok(lock)) => return self.stamped(lock),
+                Ok(Err((_, errno))) => return Err(locking(errno)),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(locking(nix::errno::Errno::EINTR))
                 }
             }
             let mut stamp = String::new();
@@ -168,20 +181,23 @@ impl FileStore {
                         let pid = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
                         let taken: u64 = fields.next().and_then(|t| t.parse().ok()).unwrap_or(0);
                         return Err(IpamError::LockTimeout {
-                            path,
+                            path: self.path("lock"),
                             holder: pid,
                             held_ms: now_ms().saturating_sub(taken),
                         });
                     }
                 }
-                _ => {
-                    seen = Some((stamp, Instant::now()));
-                    pause = Duration::from_micros(50);
-                }
+                _ => seen = Some((stamp, Instant::now())),
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
         }
+    }
+
+    /// Writes the holder stamp (pid, time) that waiters judge the timeout by.
+    fn stamped(&self, lock: Flock<File>) -> Result<Flock<File>, IpamError> {
+        let stamp = format!("{:>10} {:>20}\n", std::process::id(), now_ms());
+        lock.write_at(stamp.as_bytes(), STAMP_OFFSET)
+            .map_err(self.io("stamping", "lock"))?;
+        Ok(lock)
     }
 
     fn fingerprint(&self, lock: &File) -> Result<Fingerprint, IpamError> {

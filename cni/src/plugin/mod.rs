@@ -132,37 +132,38 @@ impl Plugin for NodekitPlugin {
         let conf = NodekitConf::parse(&args.stdin)?;
         let prev = header.prev_result()?;
         let pod_ns = open_netns(args)?;
-        let ipam = delegate::run(conf.ipam_type(), "ADD", args)?.unwrap_or_default();
-        if ipam.ips.is_empty() {
-            let _ = delegate::run(conf.ipam_type(), "DEL", args);
-            return Err(ErrorResult::new(
-                code::DELEGATE,
-                format!("{} returned no addresses", conf.ipam_type()),
-            ));
-        }
         let rt = runtime()?;
-        let attachment = Attachment {
+        let at = Attachment {
             conf: &conf,
             container_id: &args.container_id,
             ifname: &args.ifname,
             pod_ns: &pod_ns,
-            ipam: &ipam,
         };
-        let wired =
-            fault("after-ipam").and_then(|()| rt.block_on(wiring::attach(&attachment, fault)));
-        match wired {
-            Ok(result) => Ok(chain(prev, result)),
-            Err(err) => {
-                tracing::warn!(%err, "ADD failed, rolling back");
-                if let Err(e) = rt.block_on(wiring::detach(&args.container_id, &args.ifname)) {
-                    tracing::error!(%e, "rollback: removing host veth failed");
-                }
-                if let Err(e) = delegate::run(conf.ipam_type(), "DEL", args) {
-                    tracing::error!(%e, "rollback: IPAM release failed");
-                }
-                Err(err.into())
+        // IPAM runs in its own process while the links that need no address are made.
+        let ipam = delegate::spawn(conf.ipam_type(), "ADD", args)?;
+        let prepared = rt.block_on(wiring::prepare(&at, fault));
+        let assigned = ipam.wait();
+        let wired = match (assigned, prepared) {
+            (Ok(Some(ipam)), Ok(prepared)) if !ipam.ips.is_empty() => fault("after-ipam")
+                .and_then(|()| rt.block_on(wiring::configure(&at, prepared, &ipam, fault)))
+                .map_err(ErrorResult::from),
+            (Ok(_), Ok(_)) => Err(ErrorResult::new(
+                code::DELEGATE,
+                format!("{} returned no addresses", conf.ipam_type()),
+            )),
+            (Err(ipam_err), _) => {
+                rollback_links(&rt, args);
+                return Err(ipam_err);
             }
-        }
+            (Ok(_), Err(err)) => Err(err.into()),
+        };
+        wired.map(|result| chain(prev, result)).inspect_err(|err| {
+            tracing::warn!(%err, "ADD failed, rolling back");
+            rollback_links(&rt, args);
+            if let Err(e) = delegate::run(conf.ipam_type(), "DEL", args) {
+                tracing::error!(%e, "rollback: IPAM release failed");
+            }
+        })
     }
 
     fn del(&self, args: &CmdArgs, _header: &NetConfHeader) -> Result<(), ErrorResult> {
@@ -198,6 +199,13 @@ impl Plugin for NodekitPlugin {
         tracing::info!(?removed, "gc removed stale host veths");
         delegate::run(conf.ipam_type(), "GC", args)?;
         Ok(())
+    }
+}
+
+/// Removes the host veth of a failed ADD (the pod end and host routes go with it).
+fn rollback_links(rt: &tokio::runtime::Runtime, args: &CmdArgs) {
+    if let Err(e) = rt.block_on(wiring::detach(&args.container_id, &args.ifname)) {
+        tracing::error!(%e, "rollback: removing host veth failed");
     }
 }
 

@@ -9,6 +9,8 @@ use sha2::{Digest, Sha256};
 
 use super::config::{Mode, NodekitConf};
 use super::PluginError;
+use netlink_packet_route::link::LinkMessage;
+
 use crate::netlink::{link_mac, link_name, link_peer_index, Netlink};
 use crate::spec::{CniResult, Interface, IpConfig, Route};
 
@@ -42,7 +44,7 @@ pub fn bridge_mac(name: &str) -> [u8; 6] {
     [0x02, d[0], d[1], d[2], d[3], d[4]]
 }
 
-/// What `attach` was asked to wire.
+/// What is being wired.
 pub struct Attachment<'a> {
     /// Plugin config.
     pub conf: &'a NodekitConf,
@@ -52,16 +54,23 @@ pub struct Attachment<'a> {
     pub ifname: &'a str,
     /// The pod's namespace.
     pub pod_ns: &'a NetNs,
-    /// What IPAM assigned.
-    pub ipam: &'a CniResult,
 }
 
-/// Wires the attachment; returns the result (interfaces, ips, routes). On error the caller
-/// removes the host veth, which takes the pod end and the host routes with it.
-pub async fn attach(
+/// The links [`prepare`] made, for [`configure`] to finish.
+pub struct Prepared {
+    node: Netlink,
+    pod: Netlink,
+    host: LinkMessage,
+    bridge: Option<LinkMessage>,
+}
+
+/// Phase one, which needs no address and so runs while IPAM works: the veth pair (reused
+/// when a repeated ADD finds it intact), its alias, and in bridge mode the bridge and the
+/// port. On error the caller removes the host veth, which takes the pod end with it.
+pub async fn prepare(
     at: &Attachment<'_>,
     fault: impl Fn(&str) -> Result<(), PluginError>,
-) -> Result<CniResult, PluginError> {
+) -> Result<Prepared, PluginError> {
     let conf = at.conf;
     let host_name = host_veth_name(at.container_id, at.ifname);
     let node = Netlink::connect()?;
@@ -101,56 +110,88 @@ pub async fn attach(
         .ok_or_else(|| PluginError::Vanished {
             what: host_name.clone(),
         })?;
-    let host_index = host.header.index;
     node.set_alias(
-        host_index,
+        host.header.index,
         &host_name,
         &host_veth_alias(&conf.name, at.container_id, at.ifname),
     )
     .await?;
-
-    let mut interfaces = Vec::new();
-    match conf.mode {
+    let bridge = match conf.mode {
         Mode::Bridge => {
+            // A bridge port needs no addresses of its own: no IPv6 link-local, no DAD.
+            set_sysctls(&[(
+                format!("net/ipv6/conf/{host_name}/disable_ipv6"),
+                "1",
+                false,
+            )])?;
             let bridge = node
                 .ensure_bridge(&conf.bridge, conf.mtu, bridge_mac(&conf.bridge))
                 .await?;
-            for ip in &at.ipam.ips {
-                if let Some(gw) = ip.gateway {
-                    let gw_net = IpNetwork::new(gw, ip.address.prefix()).map_err(|e| {
-                        PluginError::Config {
-                            field: "ipam result gateway".into(),
-                            reason: e.to_string(),
-                        }
-                    })?;
-                    node.ensure_address(bridge.header.index, &conf.bridge, gw_net)
-                        .await?;
-                }
-            }
             node.attach_to_bridge(
-                host_index,
+                host.header.index,
                 &host_name,
                 bridge.header.index,
                 conf.hairpin_mode,
             )
             .await?;
-            interfaces.push(Interface {
-                name: conf.bridge.clone(),
-                mac: link_mac(&bridge),
-                ..Default::default()
-            });
+            Some(bridge)
         }
-        Mode::Routed => {
-            configure_routed_host(&host_name)?;
-            node.set_up(host_index, &host_name).await?;
-            for ip in &at.ipam.ips {
-                node.ensure_route(host_route(ip.address.ip()), None, host_index, &host_name)
+        Mode::Routed => None,
+    };
+    Ok(Prepared {
+        node,
+        pod,
+        host,
+        bridge,
+    })
+}
+
+/// Phase two, once IPAM has answered: gateways on the bridge or routed host settings and
+/// host routes, then the pod side (addresses, gateway neighbour, routes). Returns the result.
+pub async fn configure(
+    at: &Attachment<'_>,
+    prepared: Prepared,
+    ipam: &CniResult,
+    fault: impl Fn(&str) -> Result<(), PluginError>,
+) -> Result<CniResult, PluginError> {
+    let conf = at.conf;
+    let Prepared {
+        node,
+        pod,
+        host,
+        bridge,
+    } = prepared;
+    let host_name = link_name(&host).unwrap_or_default().to_string();
+    let host_index = host.header.index;
+    let mut interfaces = Vec::new();
+    if let Some(bridge) = &bridge {
+        for ip in &ipam.ips {
+            if let Some(gw) = ip.gateway {
+                let gw_net =
+                    IpNetwork::new(gw, ip.address.prefix()).map_err(|e| PluginError::Config {
+                        field: "ipam result gateway".into(),
+                        reason: e.to_string(),
+                    })?;
+                node.ensure_address(bridge.header.index, &conf.bridge, gw_net)
                     .await?;
             }
         }
+        interfaces.push(Interface {
+            name: conf.bridge.clone(),
+            mac: link_mac(bridge),
+            ..Default::default()
+        });
+    } else {
+        let has_v6 = ipam.ips.iter().any(|ip| ip.address.is_ipv6());
+        configure_routed_host(&host_name, has_v6)?;
+        node.set_up(host_index, &host_name).await?;
+        for ip in &ipam.ips {
+            node.ensure_route(host_route(ip.address.ip()), None, host_index, &host_name)
+                .await?;
+        }
     }
     interfaces.push(Interface {
-        name: host_name.clone(),
+        name: host_name,
         mac: link_mac(&host),
         ..Default::default()
     });
@@ -164,7 +205,7 @@ pub async fn attach(
         })?;
     let pod_index = pod_link.header.index;
     let mut ips = Vec::new();
-    for ip in &at.ipam.ips {
+    for ip in &ipam.ips {
         let address = match conf.mode {
             Mode::Bridge => ip.address,
             Mode::Routed => host_route(ip.address.ip()),
@@ -177,8 +218,8 @@ pub async fn attach(
         });
     }
     pod.set_up(pod_index, at.ifname).await?;
-    let routes = pod_routes(at.ipam, &ips);
-    if routed {
+    let routes = pod_routes(ipam, &ips);
+    if conf.mode == Mode::Routed {
         for ip in &ips {
             if let Some(gw) = ip.gateway {
                 pod.ensure_neighbour(pod_index, gw, ROUTED_HOST_MAC).await?;
@@ -205,7 +246,7 @@ pub async fn attach(
         interfaces,
         ips,
         routes,
-        dns: conf.dns.clone().unwrap_or_else(|| at.ipam.dns.clone()),
+        dns: conf.dns.clone().unwrap_or_else(|| ipam.dns.clone()),
     })
 }
 
@@ -260,22 +301,38 @@ pub fn host_route(ip: IpAddr) -> IpNetwork {
     IpNetwork::from(ip)
 }
 
-/// Routed mode's per-interface sysctls: proxy ARP answering at once, forwarding, and no
-/// IPv6 DAD so the host's link-local gateway works immediately.
-fn configure_routed_host(host: &str) -> Result<(), PluginError> {
-    let settings = [
+/// Routed mode's per-interface sysctls: proxy ARP answering at once and forwarding; for
+/// IPv6 pods also forwarding and no DAD (the link-local gateway must work at once), and for
+/// IPv4-only pods no IPv6 on the host end at all (nothing to configure, cheaper to delete).
+fn configure_routed_host(host: &str, has_v6: bool) -> Result<(), PluginError> {
+    let mut settings = vec![
         (format!("net/ipv4/conf/{host}/proxy_arp"), "1", true),
         (format!("net/ipv4/neigh/{host}/proxy_delay"), "0", true),
         (format!("net/ipv4/conf/{host}/forwarding"), "1", true),
-        (format!("net/ipv6/conf/{host}/accept_dad"), "0", false),
-        (format!("net/ipv6/conf/{host}/forwarding"), "1", false),
     ];
+    if has_v6 {
+        settings.push((format!("net/ipv6/conf/{host}/accept_dad"), "0", true));
+        settings.push((format!("net/ipv6/conf/{host}/forwarding"), "1", true));
+    } else {
+        settings.push((format!("net/ipv6/conf/{host}/disable_ipv6"), "1", false));
+    }
+    set_sysctls(&settings)
+}
+
+/// Writes `(key, value, required)` sysctls of the node namespace (the plugin runs in it); an
+/// optional key that does not exist (IPv6 disabled in the kernel) is skipped.
+fn set_sysctls(settings: &[(String, &str, bool)]) -> Result<(), PluginError> {
     for (key, value, required) in settings {
-        let path = std::path::Path::new("/proc/sys").join(&key);
+        let path = std::path::Path::new("/proc/sys").join(key);
         match std::fs::write(&path, value) {
             Ok(()) => {}
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(PluginError::Sysctl { key, source }),
+            Err(source) => {
+                return Err(PluginError::Sysctl {
+                    key: key.clone(),
+                    source,
+                })
+            }
         }
     }
     Ok(())
