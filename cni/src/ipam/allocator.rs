@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use serde::Serialize;
@@ -95,7 +96,7 @@ pub fn assign(
         handle.addresses.push(got.address);
         assigned.push(got);
     }
-    state.handles.insert(handle.id.clone(), handle);
+    state.handles.insert(handle.id.clone(), Arc::new(handle));
     Ok(assigned)
 }
 
@@ -109,12 +110,12 @@ pub fn release(state: &mut IpamState, handle_id: &str) -> Option<Handle> {
         if let Some(block) = state.blocks.get_mut(&key) {
             if let Some(ordinal) = block.ordinal(addr.ip()) {
                 if block.allocations.get(&ordinal).map(String::as_str) == Some(handle_id) {
-                    block.allocations.remove(&ordinal);
+                    Arc::make_mut(block).allocations.remove(&ordinal);
                 }
             }
         }
     }
-    Some(handle)
+    Some(Arc::unwrap_or_clone(handle))
 }
 
 /// Usage of every pool, in name order.
@@ -280,7 +281,7 @@ fn assign_one(
             let block = Block::new(block, &pool.name, Some(node));
             let key = block.key();
             let ordinal = block.first_free()?;
-            state.blocks.insert(key.clone(), block);
+            state.blocks.insert(key.clone(), Arc::new(block));
             Some((key, ordinal))
         })
     });
@@ -309,6 +310,7 @@ fn assign_one(
         .ok_or_else(|| IpamError::Corrupt {
             reason: format!("block {key} vanished during assignment"),
         })?;
+    let block = Arc::make_mut(block);
     block.allocations.insert(ordinal, handle_id.to_string());
     let address = IpNetwork::new(block.address(ordinal), block.cidr.prefix()).map_err(|e| {
         IpamError::Corrupt {
@@ -328,7 +330,7 @@ fn assigned_from(state: &IpamState, address: IpNetwork) -> Assigned {
     let gateway = state
         .blocks
         .get(&key)
-        .map(Block::gateway)
+        .map(|b| b.gateway())
         .unwrap_or_else(|| address.network());
     Assigned { address, gateway }
 }

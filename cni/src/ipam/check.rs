@@ -71,9 +71,12 @@ pub fn release_findings(state: &mut IpamState, findings: &[Finding]) -> usize {
         }
     }
     for block in state.blocks.values_mut() {
-        let before = block.allocations.len();
-        block.allocations.retain(|_, h| !ids.contains(h.as_str()));
-        released += before - block.allocations.len();
+        if block.allocations.values().any(|h| ids.contains(h.as_str())) {
+            let block = std::sync::Arc::make_mut(block);
+            let before = block.allocations.len();
+            block.allocations.retain(|_, h| !ids.contains(h.as_str()));
+            released += before - block.allocations.len();
+        }
     }
     released
 }
@@ -101,7 +104,9 @@ mod tests {
             allocator::assign(&mut state, handle, None).unwrap();
         }
         let block = state.blocks.values_mut().next().unwrap();
-        block.allocations.insert(40, "ghost".into());
+        std::sync::Arc::make_mut(block)
+            .allocations
+            .insert(40, "ghost".into());
         let findings = find_leaks(&state, None, |h| h.id == "live");
         let handles: Vec<&str> = findings.iter().map(|f| f.handle.as_str()).collect();
         assert_eq!(handles, vec!["dead", "ghost"]);

@@ -23,7 +23,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -50,6 +50,8 @@ pub struct FileStore {
     dir: PathBuf,
     lock_timeout: Duration,
     cache: Mutex<Option<Cached>>,
+    /// The journal stays open: it is only ever overwritten in place, never replaced.
+    journal: std::sync::OnceLock<File>,
 }
 
 /// The state as last seen, reused while nobody has committed since (saves reparsing).
@@ -111,6 +113,7 @@ impl FileStore {
             dir,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
             cache: Mutex::new(None),
+            journal: std::sync::OnceLock::new(),
         })
     }
 
@@ -342,9 +345,15 @@ impl Datastore for FileStore {
         f: &mut dyn FnMut(&mut IpamState) -> Result<(), IpamError>,
     ) -> Result<(), IpamError> {
         let lock = self.lock()?;
-        let journal = self.open_journal()?;
+        let journal = match self.journal.get() {
+            Some(journal) => journal,
+            None => {
+                let opened = self.open_journal()?;
+                self.journal.get_or_init(|| opened)
+            }
+        };
         let fingerprint = self.fingerprint(&lock)?;
-        let loaded = self.load(&journal, &fingerprint)?;
+        let loaded = self.load(journal, &fingerprint)?;
         let mut after = loaded.state.clone();
         f(&mut after)?;
         let ops = diff(&loaded.state, &after);
@@ -421,9 +430,9 @@ fn diff(before: &IpamState, after: &IpamState) -> Vec<Op> {
             .map(|name| Op::DelPool { name: name.clone() }),
     );
     for (key, block) in &after.blocks {
-        if before.blocks.get(key) != Some(block) {
+        if !before.blocks.get(key).is_some_and(|b| same(b, block)) {
             ops.push(Op::PutBlock {
-                block: block.clone(),
+                block: Block::clone(block),
             });
         }
     }
@@ -435,9 +444,9 @@ fn diff(before: &IpamState, after: &IpamState) -> Vec<Op> {
             .map(|key| Op::DelBlock { key: key.clone() }),
     );
     for (id, handle) in &after.handles {
-        if before.handles.get(id) != Some(handle) {
+        if !before.handles.get(id).is_some_and(|h| same(h, handle)) {
             ops.push(Op::PutHandle {
-                handle: handle.clone(),
+                handle: Handle::clone(handle),
             });
         }
     }
@@ -451,6 +460,11 @@ fn diff(before: &IpamState, after: &IpamState) -> Vec<Op> {
     ops
 }
 
+/// Equal records; untouched ones are the very same allocation, which is checked first.
+fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
 fn apply(state: &mut IpamState, ops: Vec<Op>) {
     for op in ops {
         match op {
@@ -461,13 +475,13 @@ fn apply(state: &mut IpamState, ops: Vec<Op>) {
                 state.pools.remove(&name);
             }
             Op::PutBlock { block } => {
-                state.blocks.insert(block.key(), block);
+                state.blocks.insert(block.key(), Arc::new(block));
             }
             Op::DelBlock { key } => {
                 state.blocks.remove(&key);
             }
             Op::PutHandle { handle } => {
-                state.handles.insert(handle.id.clone(), handle);
+                state.handles.insert(handle.id.clone(), Arc::new(handle));
             }
             Op::DelHandle { id } => {
                 state.handles.remove(&id);

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
@@ -243,7 +244,9 @@ impl Handle {
     }
 }
 
-/// The whole IPAM state a transaction sees.
+/// The whole IPAM state a transaction sees. Blocks and handles are shared (`Arc`), so the
+/// copies a transaction makes (before/after, the cache) cost a pointer each, and an unchanged
+/// record is recognised by pointer; mutate through `Arc::make_mut`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpamState {
     /// Pools by name.
@@ -251,10 +254,10 @@ pub struct IpamState {
     pub pools: BTreeMap<String, Pool>,
     /// Blocks by CIDR string.
     #[serde(default)]
-    pub blocks: BTreeMap<String, Block>,
+    pub blocks: BTreeMap<String, Arc<Block>>,
     /// Handles by ID.
     #[serde(default)]
-    pub handles: BTreeMap<String, Handle>,
+    pub handles: BTreeMap<String, Arc<Handle>>,
 }
 
 fn reserved_count(v4: bool) -> u128 {
