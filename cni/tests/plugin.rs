@@ -535,3 +535,38 @@ fn hairpin_mode_is_set_on_the_bridge_port_only_when_asked() {
         Some(true)
     );
 }
+
+#[test]
+fn unsupported_fields_are_code_2_and_invalid_values_code_7_naming_the_field() {
+    let node = Node::new();
+    let pod = Pod::new();
+    let mut conf = node.conf("1.1.0", "tunnel", pools());
+    let run = node.add(&conf, "ctr", &pod);
+    assert_eq!(run.code(), 2, "{}", run.out);
+    assert!(run.msg().contains("mode") && run.msg().contains("tunnel"));
+    conf["mode"] = json!("bridge");
+    conf["ipam"]["pols"] = json!([]);
+    let run = node.add(&conf, "ctr", &pod);
+    assert_eq!(run.code(), 2, "{}", run.out);
+    assert!(run.msg().contains("ipam.pols"), "{}", run.msg());
+    let mut conf = node.conf(
+        "1.1.0",
+        "bridge",
+        json!([{"name": "p", "cidr": "10.1.2.3/16"}]),
+    );
+    let run = node.add(&conf, "ctr", &pod);
+    assert_eq!(run.code(), 7, "{}", run.out);
+    assert!(
+        run.msg().contains("cidr") && run.msg().contains("10.1.0.0/16"),
+        "{}",
+        run.msg()
+    );
+    conf["mtu"] = json!(10);
+    let run = node.add(&conf, "ctr", &pod);
+    assert_eq!(run.code(), 7, "{}", run.out);
+    assert!(run.msg().contains("mtu"));
+    assert_eq!(pod.links().len(), 1);
+    // The bridge is the node's, shared by all pods, and stays; no veth is left.
+    let links = node.links();
+    assert!(links.iter().all(|l| l == "lo" || l == "nkt0"), "{links:?}");
+}

@@ -113,12 +113,28 @@ impl PoolConf {
 }
 
 impl IpamNetConf {
-    /// Parses stdin; errors name the field serde complained about.
+    /// Parses stdin; an unknown key is code 2 naming it, a bad value names the field.
     pub fn parse(bytes: &[u8]) -> Result<Self, IpamError> {
-        serde_json::from_slice(bytes).map_err(|e| IpamError::InvalidConfig {
+        let invalid = |e: serde_json::Error| IpamError::InvalidConfig {
             field: "ipam".into(),
             reason: e.to_string(),
-        })
+        };
+        let raw: serde_json::Value = serde_json::from_slice(bytes).map_err(invalid)?;
+        let ipam = &raw["ipam"];
+        reject_unknown(
+            ipam,
+            "ipam",
+            &["type", "datastore", "pools", "nodeName", "routes"],
+        )?;
+        reject_unknown(&ipam["datastore"], "ipam.datastore", &["type", "path"])?;
+        for (i, pool) in ipam["pools"].as_array().into_iter().flatten().enumerate() {
+            reject_unknown(
+                pool,
+                &format!("ipam.pools[{i}]"),
+                &["name", "cidr", "blockSize", "disabled"],
+            )?;
+        }
+        serde_json::from_value(raw).map_err(invalid)
     }
 
     /// The node name to allocate for.
@@ -137,6 +153,20 @@ impl IpamNetConf {
     }
 }
 
+/// Code 2 for a key of `obj` (at `path`) that is not in `known`.
+fn reject_unknown(obj: &serde_json::Value, path: &str, known: &[&str]) -> Result<(), IpamError> {
+    let Some(map) = obj.as_object() else {
+        return Ok(());
+    };
+    match map.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(key) => Err(IpamError::UnsupportedField {
+            key: format!("{path}.{key}"),
+            known: known.join(", "),
+        }),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,7 +182,15 @@ mod tests {
         assert_eq!(conf.node(), "n1");
         assert_eq!(conf.ipam.pools[0].to_pool().unwrap().block_size, 26);
         let err = IpamNetConf::parse(br#"{"ipam":{"type":"nodekit-ipam","pols":[]}}"#).unwrap_err();
-        assert!(err.to_string().contains("pols"), "{err}");
+        assert!(
+            matches!(&err, IpamError::UnsupportedField { key, .. } if key == "ipam.pols"),
+            "{err}"
+        );
+        let err = IpamNetConf::parse(
+            br#"{"ipam":{"type":"nodekit-ipam","pools":[{"name":"a","cidr":"10.0.0.0/8","blocksize":24}]}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("ipam.pools[0].blocksize"), "{err}");
         let err = IpamNetConf::parse(
             br#"{"ipam":{"type":"nodekit-ipam","datastore":{"type":"zookeeper"}}}"#,
         )

@@ -46,6 +46,14 @@ pub enum IpamError {
         /// Why.
         reason: String,
     },
+    /// The config has a key the IPAM does not know (a typo, usually).
+    #[error("unsupported field {key} in the ipam config (known: {known})")]
+    UnsupportedField {
+        /// Dotted path of the key.
+        key: String,
+        /// The keys that are supported there.
+        known: String,
+    },
     /// A pool named by config, CNI_ARGS or CLI does not exist.
     #[error("IP pool {name:?} does not exist (list them with `nodekitctl ipam pool list`)")]
     UnknownPool {
@@ -131,6 +139,7 @@ impl From<IpamError> for ErrorResult {
             | IpamError::NoPools
             | IpamError::PoolInUse { .. } => code::INVALID_NETWORK_CONFIG,
             IpamError::Exhausted { .. } => code::POOL_EXHAUSTED,
+            IpamError::UnsupportedField { .. } => code::UNSUPPORTED_FIELD,
             IpamError::CheckFailed { .. } => code::UNKNOWN_CONTAINER,
             IpamError::LockTimeout { .. } => code::TRY_AGAIN_LATER,
             IpamError::Io { .. } => code::IO_FAILURE,

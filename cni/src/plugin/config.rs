@@ -63,7 +63,21 @@ fn default_mtu() -> u32 {
 impl NodekitConf {
     /// Parses and validates the whole config before anything is touched.
     pub fn parse(bytes: &[u8]) -> Result<Self, PluginError> {
-        let conf: Self = serde_json::from_slice(bytes).map_err(|e| PluginError::Config {
+        let raw: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| PluginError::Config {
+                field: "config".into(),
+                reason: e.to_string(),
+            })?;
+        if let Some(mode) = raw.get("mode") {
+            if !matches!(mode.as_str(), Some("bridge" | "routed")) {
+                return Err(PluginError::UnsupportedField {
+                    key: "mode".into(),
+                    value: mode.to_string(),
+                    hint: "use \"bridge\" or \"routed\"".into(),
+                });
+            }
+        }
+        let conf: Self = serde_json::from_value(raw).map_err(|e| PluginError::Config {
             field: "config".into(),
             reason: e.to_string(),
         })?;

@@ -32,6 +32,16 @@ pub enum PluginError {
         /// Why.
         reason: String,
     },
+    /// A field has a value this plugin does not support.
+    #[error("unsupported field {key} = {value}: {hint}")]
+    UnsupportedField {
+        /// The key.
+        key: String,
+        /// The value given.
+        value: String,
+        /// What is supported.
+        hint: String,
+    },
     /// CNI_NETNS is not a usable network namespace.
     #[error("CNI_NETNS {path}: {source}")]
     Netns {
@@ -82,6 +92,7 @@ impl From<PluginError> for ErrorResult {
     fn from(err: PluginError) -> Self {
         let code = match &err {
             PluginError::Config { .. } => code::INVALID_NETWORK_CONFIG,
+            PluginError::UnsupportedField { .. } => code::UNSUPPORTED_FIELD,
             PluginError::Netns { .. } => code::INVALID_ENV,
             PluginError::Check(_) => code::UNKNOWN_CONTAINER,
             PluginError::InterfaceExists { .. }
