@@ -179,10 +179,12 @@ impl Plugin for NodekitPlugin {
 
     fn del(&self, args: &CmdArgs, _header: &NetConfHeader) -> Result<(), ErrorResult> {
         let conf = NodekitConf::parse(&args.stdin)?;
+        // The IPAM release is always reached, whatever happens to the interfaces, and runs
+        // while the kernel tears the veth down (the slow part of DEL).
+        let release = delegate::spawn(conf.ipam_type(), "DEL", args)?;
         let unwired =
             runtime().and_then(|rt| rt.block_on(wiring::detach(&args.container_id, &args.ifname)));
-        // The IPAM release is always reached, whatever happened to the interfaces.
-        delegate::run(conf.ipam_type(), "DEL", args)?;
+        release.wait()?;
         unwired.map_err(Into::into)
     }
 
