@@ -171,6 +171,15 @@ fn a_failed_add_leaves_nothing_behind_at_any_point() {
     );
     assert_eq!(missing.code(), 4, "{}", missing.out);
     assert!(missing.msg().contains("CNI_NETNS"));
+    let not_a_netns = node.run(
+        "nodekit",
+        "ADD",
+        &conf,
+        ("ctr-y", Some("/proc/self/status"), "eth0"),
+        &[],
+    );
+    assert_eq!(not_a_netns.code(), 4, "{}", not_a_netns.out);
+    assert!(not_a_netns.msg().contains("not a network namespace"));
     assert_eq!(node.allocated(), 1);
     assert_eq!(node.links(), baseline);
 }
@@ -204,6 +213,7 @@ fn exhaustion_is_specific_reported_by_status_and_relieved_by_release_or_a_new_po
         assert!(msg.contains(needle), "{needle:?} missing from {msg}");
     }
     assert_eq!(node.links(), baseline);
+    assert_eq!(pods[5].links().len(), 1, "the pod got no interface");
     let status = node.run("nodekit", "STATUS", &conf, ("", None, ""), &[]);
     assert_eq!(status.code(), 50, "{}", status.out);
     assert!(status.msg().contains("tiny"));
