@@ -54,12 +54,9 @@ pub fn pool_set_disabled(
     disabled: bool,
 ) -> Result<String, IpamError> {
     transact_with(store, |state| {
-        let pool = state
-            .pools
-            .get_mut(name)
-            .ok_or_else(|| IpamError::UnknownPool {
-                name: name.to_string(),
-            })?;
+        let pool = state.pool_mut(name).ok_or_else(|| IpamError::UnknownPool {
+            name: name.to_string(),
+        })?;
         pool.disabled = disabled;
         Ok(())
     })?;
@@ -78,7 +75,7 @@ pub fn pool_remove(store: &dyn Datastore, name: &str) -> Result<String, IpamErro
 /// `ipam pool list`.
 pub fn pool_list(store: &dyn Datastore, format: Format) -> Result<String, IpamError> {
     let state = store.read()?;
-    let pools: Vec<&Pool> = state.pools.values().collect();
+    let pools: Vec<&Pool> = state.pools().values().collect();
     if format == Format::Json {
         return Ok(json(&pools));
     }
@@ -114,7 +111,7 @@ pub fn show(store: &dyn Datastore, format: Format) -> Result<String, IpamError> 
     let state = store.read()?;
     let pools = usage(&state);
     let blocks: Vec<BlockReport> = state
-        .blocks
+        .blocks()
         .values()
         .map(|b| BlockReport {
             cidr: b.cidr,
@@ -225,7 +222,7 @@ pub fn release(
             });
         }
         for ip in ips {
-            let holder = state.blocks.values().find_map(|b| {
+            let holder = state.blocks().values().find_map(|b| {
                 let ordinal = b.ordinal(*ip)?;
                 b.allocations.get(&ordinal).cloned()
             });
@@ -291,6 +288,6 @@ mod tests {
         pool_set_disabled(&store, "a", true).unwrap();
         assert!(pool_list(&store, Format::Table).unwrap().contains("true"));
         pool_remove(&store, "a").unwrap();
-        assert!(store.read().unwrap().pools.is_empty());
+        assert!(store.read().unwrap().pools().is_empty());
     }
 }

@@ -74,7 +74,7 @@ pub fn assign(
     mut handle: Handle,
     pool_names: Option<&[String]>,
 ) -> Result<Vec<Assigned>, IpamError> {
-    if let Some(existing) = state.handles.get(&handle.id) {
+    if let Some(existing) = state.handles().get(&handle.id) {
         return Ok(existing
             .addresses
             .iter()
@@ -96,23 +96,24 @@ pub fn assign(
         handle.addresses.push(got.address);
         assigned.push(got);
     }
-    state.handles.insert(handle.id.clone(), Arc::new(handle));
+    state.put_handle(handle);
     Ok(assigned)
 }
 
 /// Releases every address of `handle_id`; returns the handle when it existed.
 pub fn release(state: &mut IpamState, handle_id: &str) -> Option<Handle> {
-    let handle = state.handles.remove(handle_id)?;
+    let handle = state.remove_handle(handle_id)?;
     for addr in &handle.addresses {
         let key = IpNetwork::new(addr.network(), addr.prefix())
             .map(|n| n.to_string())
             .unwrap_or_default();
-        if let Some(block) = state.blocks.get_mut(&key) {
-            if let Some(ordinal) = block.ordinal(addr.ip()) {
-                if block.allocations.get(&ordinal).map(String::as_str) == Some(handle_id) {
-                    Arc::make_mut(block).allocations.remove(&ordinal);
-                }
-            }
+        let ordinal = state.blocks().get(&key).and_then(|block| {
+            let ordinal = block.ordinal(addr.ip())?;
+            (block.allocations.get(&ordinal).map(String::as_str) == Some(handle_id))
+                .then_some(ordinal)
+        });
+        if let (Some(ordinal), Some(block)) = (ordinal, state.block_mut(&key)) {
+            block.allocations.remove(&ordinal);
         }
     }
     Some(Arc::unwrap_or_clone(handle))
@@ -121,18 +122,18 @@ pub fn release(state: &mut IpamState, handle_id: &str) -> Option<Handle> {
 /// Usage of every pool, in name order.
 pub fn usage(state: &IpamState) -> Vec<PoolUsage> {
     state
-        .pools
+        .pools()
         .values()
         .map(|pool| {
             let mut by_node: BTreeMap<String, u128> = BTreeMap::new();
             let mut used = 0;
             let mut blocks = 0;
-            for block in state.blocks.values().filter(|b| b.pool == pool.name) {
+            for block in state.blocks().values().filter(|b| b.pool == pool.name) {
                 blocks += 1;
                 for handle_id in block.allocations.values() {
                     used += 1;
                     let node = state
-                        .handles
+                        .handles()
                         .get(handle_id)
                         .map(|h| h.node.clone())
                         .unwrap_or_else(|| "?".into());
@@ -176,7 +177,7 @@ pub fn check_available(
 /// Makes `pool` exist: a no-op when an identical pool is there, an error when its name or
 /// range clashes with another pool. `disabled` is taken from `pool` only when `set_disabled`.
 pub fn ensure_pool(state: &mut IpamState, pool: Pool, set_disabled: bool) -> Result<(), IpamError> {
-    for existing in state.pools.values() {
+    for existing in state.pools().values() {
         let conflict = |reason: String| IpamError::PoolConflict {
             name: pool.name.clone(),
             existing: existing.name.clone(),
@@ -202,23 +203,24 @@ pub fn ensure_pool(state: &mut IpamState, pool: Pool, set_disabled: bool) -> Res
     let disabled = if set_disabled {
         pool.disabled
     } else {
-        state.pools.get(&pool.name).is_some_and(|p| p.disabled)
+        state.pools().get(&pool.name).is_some_and(|p| p.disabled)
     };
-    state
-        .pools
-        .insert(pool.name.clone(), Pool { disabled, ..pool });
+    let pool = Pool { disabled, ..pool };
+    if state.pools().get(&pool.name) != Some(&pool) {
+        state.put_pool(pool);
+    }
     Ok(())
 }
 
 /// Removes an empty pool and its (empty) blocks.
 pub fn remove_pool(state: &mut IpamState, name: &str) -> Result<(), IpamError> {
-    if !state.pools.contains_key(name) {
+    if !state.pools().contains_key(name) {
         return Err(IpamError::UnknownPool {
             name: name.to_string(),
         });
     }
     let used: u128 = state
-        .blocks
+        .blocks()
         .values()
         .filter(|b| b.pool == name)
         .map(|b| b.allocations.len() as u128)
@@ -229,8 +231,16 @@ pub fn remove_pool(state: &mut IpamState, name: &str) -> Result<(), IpamError> {
             used,
         });
     }
-    state.blocks.retain(|_, b| b.pool != name);
-    state.pools.remove(name);
+    let blocks: Vec<String> = state
+        .blocks()
+        .values()
+        .filter(|b| b.pool == name)
+        .map(|b| b.key())
+        .collect();
+    for key in blocks {
+        state.remove_block(&key);
+    }
+    state.remove_pool(name);
     Ok(())
 }
 
@@ -243,13 +253,13 @@ fn candidate_pools(
             .iter()
             .map(|n| {
                 state
-                    .pools
+                    .pools()
                     .get(n)
                     .cloned()
                     .ok_or_else(|| IpamError::UnknownPool { name: n.clone() })
             })
             .collect::<Result<_, _>>()?,
-        None => state.pools.values().cloned().collect(),
+        None => state.pools().values().cloned().collect(),
     };
     if pools.is_empty() {
         return Err(IpamError::NoPools);
@@ -268,7 +278,7 @@ fn assign_one(
     let in_enabled = |b: &Block| enabled.iter().any(|p| p.name == b.pool);
     // 1. A block this node already holds.
     let own = state
-        .blocks
+        .blocks()
         .values()
         .filter(|b| b.affinity.as_deref() == Some(node) && in_enabled(b))
         .find_map(|b| b.first_free().map(|o| (b.key(), o)));
@@ -277,18 +287,18 @@ fn assign_one(
         enabled.iter().find_map(|pool| {
             let block = (0..pool.block_count())
                 .map(|i| pool.block_cidr(i))
-                .find(|cidr| !state.blocks.contains_key(&cidr.to_string()))?;
+                .find(|cidr| !state.blocks().contains_key(&cidr.to_string()))?;
             let block = Block::new(block, &pool.name, Some(node));
             let key = block.key();
             let ordinal = block.first_free()?;
-            state.blocks.insert(key.clone(), Arc::new(block));
+            state.put_block(block);
             Some((key, ordinal))
         })
     });
     // 3. Borrow one address from any block with room.
     let target = target.or_else(|| {
         state
-            .blocks
+            .blocks()
             .values()
             .filter(|b| in_enabled(b))
             .find_map(|b| b.first_free().map(|o| (b.key(), o)))
@@ -304,13 +314,9 @@ fn assign_one(
             pools,
         });
     };
-    let block = state
-        .blocks
-        .get_mut(&key)
-        .ok_or_else(|| IpamError::Corrupt {
-            reason: format!("block {key} vanished during assignment"),
-        })?;
-    let block = Arc::make_mut(block);
+    let block = state.block_mut(&key).ok_or_else(|| IpamError::Corrupt {
+        reason: format!("block {key} vanished during assignment"),
+    })?;
     block.allocations.insert(ordinal, handle_id.to_string());
     let address = IpNetwork::new(block.address(ordinal), block.cidr.prefix()).map_err(|e| {
         IpamError::Corrupt {
@@ -328,7 +334,7 @@ fn assigned_from(state: &IpamState, address: IpNetwork) -> Assigned {
         .map(|n| n.to_string())
         .unwrap_or_default();
     let gateway = state
-        .blocks
+        .blocks()
         .get(&key)
         .map(|b| b.gateway())
         .unwrap_or_else(|| address.network());
@@ -344,7 +350,7 @@ mod tests {
         let mut state = IpamState::default();
         for (name, cidr, bs) in pools {
             let pool = Pool::new(name, cidr.parse().unwrap(), Some(*bs)).unwrap();
-            state.pools.insert(pool.name.clone(), pool);
+            state.put_pool(pool);
         }
         state
     }
@@ -371,9 +377,9 @@ mod tests {
             assert!(seen.insert(got[0].address.ip()), "duplicate {:?}", got[0]);
         }
         // 5 usable per /29: two blocks claimed, both with affinity n1.
-        assert_eq!(state.blocks.len(), 2);
+        assert_eq!(state.blocks().len(), 2);
         assert!(state
-            .blocks
+            .blocks()
             .values()
             .all(|b| b.affinity.as_deref() == Some("n1")));
         let first = assign(&mut state, handle("h0", "n1"), None).unwrap();
@@ -401,7 +407,7 @@ mod tests {
             release(&mut state, "a").is_none(),
             "second release is a no-op"
         );
-        let used: usize = state.blocks.values().map(|b| b.allocations.len()).sum();
+        let used: usize = state.blocks().values().map(|b| b.allocations.len()).sum();
         assert_eq!(used, 1);
         let c = assign(&mut state, handle("c", "n1"), None).unwrap();
         assert_eq!(
@@ -441,7 +447,7 @@ mod tests {
     #[test]
     fn disabled_pools_give_nothing_new_and_say_so() {
         let mut state = state_with(&[("p", "10.0.0.0/24", 26)]);
-        state.pools.get_mut("p").unwrap().disabled = true;
+        state.pool_mut("p").unwrap().disabled = true;
         let err = assign(&mut state, handle("h", "n1"), None).unwrap_err();
         assert!(err.to_string().contains("disabled"), "{err}");
     }
@@ -452,7 +458,7 @@ mod tests {
         assign(&mut state, handle("a", "n1"), None).unwrap();
         let b = assign(&mut state, handle("b", "n2"), None).unwrap();
         assert_eq!(b[0].address.to_string(), "10.0.0.3/29");
-        assert_eq!(state.blocks.len(), 1);
+        assert_eq!(state.blocks().len(), 1);
     }
 
     #[test]

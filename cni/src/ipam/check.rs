@@ -29,7 +29,7 @@ pub fn find_leaks(
     is_live: impl Fn(&Handle) -> bool,
 ) -> Vec<Finding> {
     let mut findings: Vec<Finding> = state
-        .handles
+        .handles()
         .values()
         .filter(|h| node.is_none_or(|n| h.node == n))
         .filter(|h| !is_live(h))
@@ -44,9 +44,9 @@ pub fn find_leaks(
         })
         .collect();
     let mut orphans: std::collections::BTreeMap<String, Vec<IpNetwork>> = Default::default();
-    for block in state.blocks.values() {
+    for block in state.blocks().values() {
         for (ordinal, handle) in &block.allocations {
-            if !state.handles.contains_key(handle) {
+            if !state.handles().contains_key(handle) {
                 if let Ok(addr) = IpNetwork::new(block.address(*ordinal), block.cidr.prefix()) {
                     orphans.entry(handle.clone()).or_default().push(addr);
                 }
@@ -70,9 +70,14 @@ pub fn release_findings(state: &mut IpamState, findings: &[Finding]) -> usize {
             released += 1;
         }
     }
-    for block in state.blocks.values_mut() {
-        if block.allocations.values().any(|h| ids.contains(h.as_str())) {
-            let block = std::sync::Arc::make_mut(block);
+    let touched: Vec<String> = state
+        .blocks()
+        .values()
+        .filter(|b| b.allocations.values().any(|h| ids.contains(h.as_str())))
+        .map(|b| b.key())
+        .collect();
+    for key in touched {
+        if let Some(block) = state.block_mut(&key) {
             let before = block.allocations.len();
             block.allocations.retain(|_, h| !ids.contains(h.as_str()));
             released += before - block.allocations.len();
@@ -90,7 +95,7 @@ mod tests {
     fn dead_attachments_and_orphans_are_found_and_released() {
         let mut state = IpamState::default();
         let pool = Pool::new("p", "10.0.0.0/24".parse().unwrap(), None).unwrap();
-        state.pools.insert("p".into(), pool);
+        state.put_pool(pool);
         for (id, netns) in [("live", "/run/netns/a"), ("dead", "/run/netns/gone")] {
             let handle = Handle {
                 id: id.into(),
@@ -103,8 +108,10 @@ mod tests {
             };
             allocator::assign(&mut state, handle, None).unwrap();
         }
-        let block = state.blocks.values_mut().next().unwrap();
-        std::sync::Arc::make_mut(block)
+        let key = state.blocks().keys().next().unwrap().clone();
+        state
+            .block_mut(&key)
+            .unwrap()
             .allocations
             .insert(40, "ghost".into());
         let findings = find_leaks(&state, None, |h| h.id == "live");
@@ -113,7 +120,7 @@ mod tests {
         assert!(findings[0].reason.contains("/run/netns/gone"));
         assert_eq!(release_findings(&mut state, &findings), 2);
         assert!(find_leaks(&state, None, |h| h.id == "live").is_empty());
-        let used: usize = state.blocks.values().map(|b| b.allocations.len()).sum();
+        let used: usize = state.blocks().values().map(|b| b.allocations.len()).sum();
         assert_eq!(used, 1);
         assert!(find_leaks(&state, Some("other-node"), |_| false).is_empty());
     }

@@ -30,7 +30,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::model::{Block, Handle, IpamState, Pool};
+use super::model::{Block, Change, Handle, IpamState, Pool};
 use super::store::Datastore;
 use super::IpamError;
 
@@ -75,10 +75,36 @@ struct Fingerprint {
 enum Op {
     PutPool { pool: Pool },
     DelPool { name: String },
-    PutBlock { block: Block },
+    PutBlock { block: Arc<Block> },
     DelBlock { key: String },
-    PutHandle { handle: Handle },
+    PutHandle { handle: Arc<Handle> },
     DelHandle { id: String },
+}
+
+impl From<Change> for Op {
+    fn from(change: Change) -> Self {
+        match change {
+            Change::Pool(_, Some(pool)) => Op::PutPool { pool },
+            Change::Pool(name, None) => Op::DelPool { name },
+            Change::Block(_, Some(block)) => Op::PutBlock { block },
+            Change::Block(key, None) => Op::DelBlock { key },
+            Change::Handle(_, Some(handle)) => Op::PutHandle { handle },
+            Change::Handle(id, None) => Op::DelHandle { id },
+        }
+    }
+}
+
+impl From<Op> for Change {
+    fn from(op: Op) -> Self {
+        match op {
+            Op::PutPool { pool } => Change::Pool(pool.name.clone(), Some(pool)),
+            Op::DelPool { name } => Change::Pool(name, None),
+            Op::PutBlock { block } => Change::Block(block.key(), Some(block)),
+            Op::DelBlock { key } => Change::Block(key, None),
+            Op::PutHandle { handle } => Change::Handle(handle.id.clone(), Some(handle)),
+            Op::DelHandle { id } => Change::Handle(id, None),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -264,16 +290,7 @@ impl FileStore {
     }
 
     /// Loads the state (caller holds the lock).
-    fn load(&self, journal: &File, fingerprint: &Fingerprint) -> Result<Loaded, IpamError> {
-        if let Ok(cache) = self.cache.lock() {
-            if let Some(c) = cache.as_ref().filter(|c| c.fingerprint == *fingerprint) {
-                return Ok(Loaded {
-                    seq: c.seq,
-                    position: c.position,
-                    state: c.state.clone(),
-                });
-            }
-        }
+    fn load(&self, journal: &File) -> Result<Loaded, IpamError> {
         let mut snapshot = match fs::read(self.path("state.json")) {
             Ok(bytes) => {
                 serde_json::from_slice::<Snapshot>(&bytes).map_err(|e| IpamError::Corrupt {
@@ -307,7 +324,9 @@ impl FileStore {
                     ),
                 });
             }
-            apply(&mut snapshot.state, record.ops);
+            snapshot
+                .state
+                .apply(record.ops.into_iter().map(Change::from));
             snapshot.seq = record.seq;
             position += line.len() as u64;
         }
@@ -353,30 +372,45 @@ impl Datastore for FileStore {
             }
         };
         let fingerprint = self.fingerprint(&lock)?;
-        let loaded = self.load(journal, &fingerprint)?;
-        let mut after = loaded.state.clone();
-        f(&mut after)?;
-        let ops = diff(&loaded.state, &after);
+        // The cached state is taken, not copied: if `f` fails it is dropped, and the next
+        // transaction reloads from disk.
+        let cached = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|mut cache| cache.take())
+            .filter(|c| c.fingerprint == fingerprint);
+        let Loaded {
+            seq,
+            position,
+            mut state,
+        } = match cached {
+            Some(c) => Loaded {
+                seq: c.seq,
+                position: c.position,
+                state: c.state,
+            },
+            None => self.load(journal)?,
+        };
+        f(&mut state)?;
+        let ops: Vec<Op> = state.take_changes().into_iter().map(Op::from).collect();
         let (seq, position) = if ops.is_empty() {
-            (loaded.seq, loaded.position)
+            (seq, position)
         } else {
-            let record = Record {
-                seq: loaded.seq + 1,
-                ops,
-            };
+            let record = Record { seq: seq + 1, ops };
             let json = serde_json::to_string(&record).map_err(|e| IpamError::Corrupt {
                 reason: e.to_string(),
             })?;
             let line = format!("{} {json}\n", checksum(json.as_bytes()));
             self.new_commit_id(&lock)?;
-            if loaded.position + line.len() as u64 <= JOURNAL_BYTES {
+            if position + line.len() as u64 <= JOURNAL_BYTES {
                 journal
-                    .write_all_at(line.as_bytes(), loaded.position)
+                    .write_all_at(line.as_bytes(), position)
                     .and_then(|()| journal.sync_data())
                     .map_err(self.io("writing", "journal"))?;
-                (record.seq, loaded.position + line.len() as u64)
+                (record.seq, position + line.len() as u64)
             } else {
-                self.write_snapshot(record.seq, &after)?;
+                self.write_snapshot(record.seq, &state)?;
                 (record.seq, 0)
             }
         };
@@ -386,7 +420,7 @@ impl Datastore for FileStore {
                 fingerprint,
                 seq,
                 position,
-                state: after,
+                state,
             });
         }
         Ok(())
@@ -415,81 +449,6 @@ fn checksum(json: &[u8]) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn diff(before: &IpamState, after: &IpamState) -> Vec<Op> {
-    let mut ops = Vec::new();
-    for (name, pool) in &after.pools {
-        if before.pools.get(name) != Some(pool) {
-            ops.push(Op::PutPool { pool: pool.clone() });
-        }
-    }
-    ops.extend(
-        before
-            .pools
-            .keys()
-            .filter(|k| !after.pools.contains_key(*k))
-            .map(|name| Op::DelPool { name: name.clone() }),
-    );
-    for (key, block) in &after.blocks {
-        if !before.blocks.get(key).is_some_and(|b| same(b, block)) {
-            ops.push(Op::PutBlock {
-                block: Block::clone(block),
-            });
-        }
-    }
-    ops.extend(
-        before
-            .blocks
-            .keys()
-            .filter(|k| !after.blocks.contains_key(*k))
-            .map(|key| Op::DelBlock { key: key.clone() }),
-    );
-    for (id, handle) in &after.handles {
-        if !before.handles.get(id).is_some_and(|h| same(h, handle)) {
-            ops.push(Op::PutHandle {
-                handle: Handle::clone(handle),
-            });
-        }
-    }
-    ops.extend(
-        before
-            .handles
-            .keys()
-            .filter(|k| !after.handles.contains_key(*k))
-            .map(|id| Op::DelHandle { id: id.clone() }),
-    );
-    ops
-}
-
-/// Equal records; untouched ones are the very same allocation, which is checked first.
-fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
-    Arc::ptr_eq(a, b) || a == b
-}
-
-fn apply(state: &mut IpamState, ops: Vec<Op>) {
-    for op in ops {
-        match op {
-            Op::PutPool { pool } => {
-                state.pools.insert(pool.name.clone(), pool);
-            }
-            Op::DelPool { name } => {
-                state.pools.remove(&name);
-            }
-            Op::PutBlock { block } => {
-                state.blocks.insert(block.key(), Arc::new(block));
-            }
-            Op::DelBlock { key } => {
-                state.blocks.remove(&key);
-            }
-            Op::PutHandle { handle } => {
-                state.handles.insert(handle.id.clone(), Arc::new(handle));
-            }
-            Op::DelHandle { id } => {
-                state.handles.remove(&id);
-            }
-        }
-    }
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -507,7 +466,7 @@ mod tests {
         store
             .transact(&mut |s| {
                 let p = Pool::new("p", "10.0.0.0/16".parse().unwrap(), None)?;
-                s.pools.insert(p.name.clone(), p);
+                s.put_pool(p);
                 Ok(())
             })
             .unwrap();
@@ -536,9 +495,14 @@ mod tests {
             Err(IpamError::NoPools)
         });
         assert!(err.is_err());
+        assert_eq!(
+            store.read().unwrap().handles().len(),
+            1,
+            "the failed change is gone here too"
+        );
         let reopened = FileStore::open(dir.path()).unwrap().read().unwrap();
-        assert_eq!(reopened.handles.len(), 1);
-        assert_eq!(reopened.handles["a"].addresses, vec![got[0].address]);
+        assert_eq!(reopened.handles().len(), 1);
+        assert_eq!(reopened.handles()["a"].addresses, vec![got[0].address]);
     }
 
     #[test]
@@ -561,11 +525,11 @@ mod tests {
             )
             .unwrap();
         let state = FileStore::open(dir.path()).unwrap().read().unwrap();
-        assert!(state.handles.contains_key("a"));
+        assert!(state.handles().contains_key("a"));
         let store = FileStore::open(dir.path()).unwrap();
         transact_with(&store, |s| allocator::assign(s, handle("b"), None)).unwrap();
         let state = FileStore::open(dir.path()).unwrap().read().unwrap();
-        assert_eq!(state.handles.len(), 2);
+        assert_eq!(state.handles().len(), 2);
         assert_eq!(fs::metadata(&path).unwrap().len(), JOURNAL_BYTES);
     }
 
@@ -591,8 +555,8 @@ mod tests {
             "the ring wrapped into a snapshot"
         );
         let state = FileStore::open(dir.path()).unwrap().read().unwrap();
-        assert_eq!(state.handles.len(), 200);
-        let used: usize = state.blocks.values().map(|b| b.allocations.len()).sum();
+        assert_eq!(state.handles().len(), 200);
+        let used: usize = state.blocks().values().map(|b| b.allocations.len()).sum();
         assert_eq!(used, 200);
     }
 

@@ -1,7 +1,7 @@
 //! Calico's IPAM data model: pools carved into fixed-size blocks, blocks claimed by nodes
 //! (affinity), addresses recorded per block under a handle (one attachment).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -244,20 +244,156 @@ impl Handle {
     }
 }
 
-/// The whole IPAM state a transaction sees. Blocks and handles are shared (`Arc`), so the
-/// copies a transaction makes (before/after, the cache) cost a pointer each, and an unchanged
-/// record is recognised by pointer; mutate through `Arc::make_mut`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The whole IPAM state a transaction sees. Mutations go through methods that remember which
+/// records changed, so a commit writes exactly those (no copy of the state, no diff), and a
+/// failed transaction's state is simply thrown away. Blocks and handles are `Arc`s, so the
+/// copies made for reports are cheap.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct IpamState {
     /// Pools by name.
     #[serde(default)]
-    pub pools: BTreeMap<String, Pool>,
+    pools: BTreeMap<String, Pool>,
     /// Blocks by CIDR string.
     #[serde(default)]
-    pub blocks: BTreeMap<String, Arc<Block>>,
+    blocks: BTreeMap<String, Arc<Block>>,
     /// Handles by ID.
     #[serde(default)]
-    pub handles: BTreeMap<String, Arc<Handle>>,
+    handles: BTreeMap<String, Arc<Handle>>,
+    /// Records changed since the last [`IpamState::take_changes`].
+    #[serde(skip)]
+    changed: BTreeSet<RecordKey>,
+}
+
+/// Which record changed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RecordKey {
+    /// A pool, by name.
+    Pool(String),
+    /// A block, by CIDR.
+    Block(String),
+    /// A handle, by ID.
+    Handle(String),
+}
+
+/// One changed record with its new value (`None`: deleted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A pool written or deleted.
+    Pool(String, Option<Pool>),
+    /// A block written or deleted.
+    Block(String, Option<Arc<Block>>),
+    /// A handle written or deleted.
+    Handle(String, Option<Arc<Handle>>),
+}
+
+impl PartialEq for IpamState {
+    fn eq(&self, other: &Self) -> bool {
+        self.pools == other.pools && self.blocks == other.blocks && self.handles == other.handles
+    }
+}
+
+impl Eq for IpamState {}
+
+impl IpamState {
+    /// Pools by name.
+    pub fn pools(&self) -> &BTreeMap<String, Pool> {
+        &self.pools
+    }
+
+    /// Blocks by CIDR string.
+    pub fn blocks(&self) -> &BTreeMap<String, Arc<Block>> {
+        &self.blocks
+    }
+
+    /// Handles by ID.
+    pub fn handles(&self) -> &BTreeMap<String, Arc<Handle>> {
+        &self.handles
+    }
+
+    /// Writes a pool.
+    pub fn put_pool(&mut self, pool: Pool) {
+        self.changed.insert(RecordKey::Pool(pool.name.clone()));
+        self.pools.insert(pool.name.clone(), pool);
+    }
+
+    /// A pool to modify.
+    pub fn pool_mut(&mut self, name: &str) -> Option<&mut Pool> {
+        let pool = self.pools.get_mut(name)?;
+        self.changed.insert(RecordKey::Pool(name.to_string()));
+        Some(pool)
+    }
+
+    /// Deletes a pool.
+    pub fn remove_pool(&mut self, name: &str) -> Option<Pool> {
+        self.changed.insert(RecordKey::Pool(name.to_string()));
+        self.pools.remove(name)
+    }
+
+    /// Writes a block.
+    pub fn put_block(&mut self, block: Block) {
+        self.changed.insert(RecordKey::Block(block.key()));
+        self.blocks.insert(block.key(), Arc::new(block));
+    }
+
+    /// A block to modify (copied first if a report still shares it).
+    pub fn block_mut(&mut self, key: &str) -> Option<&mut Block> {
+        let block = self.blocks.get_mut(key)?;
+        self.changed.insert(RecordKey::Block(key.to_string()));
+        Some(Arc::make_mut(block))
+    }
+
+    /// Deletes a block.
+    pub fn remove_block(&mut self, key: &str) -> Option<Arc<Block>> {
+        self.changed.insert(RecordKey::Block(key.to_string()));
+        self.blocks.remove(key)
+    }
+
+    /// Writes a handle.
+    pub fn put_handle(&mut self, handle: Handle) {
+        self.changed.insert(RecordKey::Handle(handle.id.clone()));
+        self.handles.insert(handle.id.clone(), Arc::new(handle));
+    }
+
+    /// Deletes a handle.
+    pub fn remove_handle(&mut self, id: &str) -> Option<Arc<Handle>> {
+        self.changed.insert(RecordKey::Handle(id.to_string()));
+        self.handles.remove(id)
+    }
+
+    /// The records changed since the last call, with their current values; forgets them.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changed)
+            .into_iter()
+            .map(|key| match key {
+                RecordKey::Pool(k) => {
+                    let v = self.pools.get(&k).cloned();
+                    Change::Pool(k, v)
+                }
+                RecordKey::Block(k) => {
+                    let v = self.blocks.get(&k).cloned();
+                    Change::Block(k, v)
+                }
+                RecordKey::Handle(k) => {
+                    let v = self.handles.get(&k).cloned();
+                    Change::Handle(k, v)
+                }
+            })
+            .collect()
+    }
+
+    /// Applies changes read back from a datastore (they are not changes of this state).
+    pub fn apply(&mut self, changes: impl IntoIterator<Item = Change>) {
+        for change in changes {
+            match change {
+                Change::Pool(k, Some(v)) => drop(self.pools.insert(k, v)),
+                Change::Pool(k, None) => drop(self.pools.remove(&k)),
+                Change::Block(k, Some(v)) => drop(self.blocks.insert(k, v)),
+                Change::Block(k, None) => drop(self.blocks.remove(&k)),
+                Change::Handle(k, Some(v)) => drop(self.handles.insert(k, v)),
+                Change::Handle(k, None) => drop(self.handles.remove(&k)),
+            }
+        }
+    }
 }
 
 fn reserved_count(v4: bool) -> u128 {

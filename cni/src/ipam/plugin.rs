@@ -107,7 +107,7 @@ impl Plugin for IpamPlugin {
         let req = Request::new(args)?;
         let id = req.handle_id(args);
         let state = req.store.read()?;
-        let Some(handle) = state.handles.get(&id) else {
+        let Some(handle) = state.handles().get(&id) else {
             return Err(IpamError::CheckFailed {
                 handle: id,
                 reason: "no addresses are allocated to it".into(),
@@ -144,7 +144,7 @@ impl Plugin for IpamPlugin {
         let valid = conf.gc_valid();
         let released = transact_with(req.store.as_ref(), |state| {
             let stale: Vec<String> = state
-                .handles
+                .handles()
                 .values()
                 .filter(|h| h.network == req.conf.name && h.node == req.node)
                 .filter(|h| {

@@ -212,8 +212,8 @@ impl Node {
     pub fn allocated(&self) -> usize {
         let store = nodekit_cni::ipam::file_store::FileStore::open(self.store_path()).unwrap();
         let state = nodekit_cni::ipam::store::Datastore::read(&store).unwrap();
-        let in_blocks: usize = state.blocks.values().map(|b| b.allocations.len()).sum();
-        let in_handles: usize = state.handles.values().map(|h| h.addresses.len()).sum();
+        let in_blocks: usize = state.blocks().values().map(|b| b.allocations.len()).sum();
+        let in_handles: usize = state.handles().values().map(|h| h.addresses.len()).sum();
         assert_eq!(
             in_blocks, in_handles,
             "blocks and handles disagree: {state:?}"

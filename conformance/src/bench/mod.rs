@@ -10,15 +10,13 @@
 //! asserted about the figures: they are summarised ([`stats`]) and printed ([`report`]).
 //!
 //! Plugins go through the conformance runner's libcni ([`CniRuntime`]: conflist, version
-//! negotiation, `prevResult`, cached result on DEL), executed by [`exec::WaitExec`], which
-//! blocks until the plugin exits (the runner's [`NetnsExec`] polls every 5 ms, which would
-//! round every figure up; `ExecMode::Poll` selects it for comparison). Ten VERSION calls per
-//! plugin target record the bare cost of starting the plugin process.
+//! negotiation, `prevResult`, cached result on DEL), executed by the runner's [`NetnsExec`],
+//! which blocks until the plugin exits, so no figure is rounded up to a polling tick. Ten
+//! VERSION calls per plugin target record the bare cost of starting the plugin process.
 //!
 //! Every namespace and directory is a drop guard, so an error or a panic leaves nothing
 //! behind.
 
-pub mod exec;
 pub mod floor;
 pub mod report;
 pub mod stats;
@@ -35,11 +33,10 @@ use serde_json::Value;
 
 use crate::cni::conf::{ConfError, ConfList};
 use crate::cni::exec::{
-    Attachment, CallError, CniRuntime, NegotiateError, NetnsExec, PluginExec, DEFAULT_TIMEOUT,
+    Attachment, CallError, CniCommand, CniRuntime, NegotiateError, NetnsExec, DEFAULT_TIMEOUT,
 };
 use crate::cni::{nodekit_conflist, reference_conflist};
 use crate::lab::{Lab, LabError};
-use exec::WaitExec;
 use floor::{FloorError, FloorPod, FloorWorker};
 use stats::Summary;
 
@@ -97,47 +94,10 @@ impl fmt::Display for Target {
     }
 }
 
-/// How plugin processes are waited for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExecMode {
-    /// Block in waitpid ([`exec::WaitExec`]): the measured time is the plugin's own.
-    Wait,
-    /// The conformance runner's [`NetnsExec`], which polls `try_wait` every 5 ms: every
-    /// call's time is rounded up towards the next 5 ms tick (for comparison only).
-    Poll,
-}
-
-/// A measured operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Op {
-    /// Adding a pod.
-    #[serde(rename = "ADD")]
-    Add,
-    /// Deleting a pod.
-    #[serde(rename = "DEL")]
-    Del,
-    /// A VERSION call: the plugin's bare exec-and-exit cost (no kernel work).
-    #[serde(rename = "VERSION")]
-    Version,
-}
-
-impl Op {
-    /// `ADD`, `DEL`, `VERSION`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Add => "ADD",
-            Self::Del => "DEL",
-            Self::Version => "VERSION",
-        }
-    }
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// A measured operation: the CNI verb the plugins are called with, `ADD`, `DEL` or `VERSION`
+/// (the plugin's bare exec-and-exit cost, no kernel work); the floor does the kernel work of
+/// ADD and DEL. Printed and serialised as the verb.
+pub type Op = CniCommand;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -152,8 +112,6 @@ pub struct BenchOptions {
     pub cni_bin_dir: PathBuf,
     /// Where the reference `bridge` and `host-local` are.
     pub reference_bin_dir: PathBuf,
-    /// How plugin processes are waited for.
-    pub exec: ExecMode,
     /// How long one plugin call may run before it is killed.
     pub timeout: Duration,
     /// How long the pods stay up between the ADD and the DEL phase. Zero (the default)
@@ -173,7 +131,6 @@ impl BenchOptions {
             targets: Target::ALL.to_vec(),
             cni_bin_dir,
             reference_bin_dir: PathBuf::from(crate::cni::REFERENCE_BIN_DIR),
-            exec: ExecMode::Wait,
             timeout: DEFAULT_TIMEOUT,
             settle: Duration::ZERO,
         }
@@ -317,8 +274,6 @@ pub struct BenchReport {
     pub pods: usize,
     /// The concurrency levels measured.
     pub levels: Vec<usize>,
-    /// How plugin processes were waited for.
-    pub exec: ExecMode,
     /// How long pods stayed up between ADD and DEL, in milliseconds.
     pub settle_ms: u64,
     /// Every phase's figures, in run order.
@@ -347,7 +302,6 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let mut report = BenchReport {
         pods: opts.pods,
         levels: opts.levels(),
-        exec: opts.exec,
         settle_ms: u64::try_from(opts.settle.as_millis()).unwrap_or(u64::MAX),
         results: Vec::new(),
         skipped: Vec::new(),
@@ -419,19 +373,19 @@ fn phase_name(conc: usize) -> String {
     }
 }
 
-fn measurement(
+/// The figures of `phase`, which ran `target`'s `op` at `concurrency` (none if it is empty).
+fn measurement<T>(
     target: Target,
     op: Op,
     concurrency: usize,
-    samples: &[Duration],
-    total: Duration,
+    phase: &Phase<T>,
 ) -> Option<Measurement> {
-    Summary::of(samples, total).map(|summary| Measurement {
+    Summary::of(&phase.samples, phase.total).map(|summary| Measurement {
         target,
         op,
         concurrency,
         summary,
-        samples_ms: samples.iter().map(|d| stats::millis(*d)).collect(),
+        samples_ms: phase.samples.iter().map(|d| stats::millis(*d)).collect(),
     })
 }
 
@@ -443,10 +397,7 @@ fn bench_plugin(
     let (bin_dir, value) = plugin_setup(opts, target, lab.scratch());
     let conf = ConfList::from_value(value, "generated conflist")?;
     let node = NetNs::open(Path::new(NETNS_RUN_DIR).join(lab.node_name()))?;
-    let exec: Box<dyn PluginExec> = match opts.exec {
-        ExecMode::Wait => Box::new(WaitExec::new(node, opts.timeout)),
-        ExecMode::Poll => Box::new(NetnsExec::new(node, opts.timeout)),
-    };
+    let exec = Box::new(NetnsExec::new(node, opts.timeout));
     let mut rt = CniRuntime::new(exec, bin_dir, conf);
     rt.negotiate()
         .1
@@ -498,13 +449,7 @@ fn bench_plugin(
             || Ok(()),
             |_, i| rt.add(&atts[i]).map_err(call_err(Op::Add, i, &phase)),
         )?;
-        out.extend(measurement(
-            target,
-            Op::Add,
-            conc,
-            &added.samples,
-            added.total,
-        ));
+        out.extend(measurement(target, Op::Add, conc, &added));
         std::thread::sleep(opts.settle);
         tracing::info!(%target, %phase, "DEL");
         let deleted = drive(
@@ -516,13 +461,7 @@ fn bench_plugin(
                     .map_err(call_err(Op::Del, i, &phase))
             },
         )?;
-        out.extend(measurement(
-            target,
-            Op::Del,
-            conc,
-            &deleted.samples,
-            deleted.total,
-        ));
+        out.extend(measurement(target, Op::Del, conc, &deleted));
     }
 
     let versions = drive(
@@ -535,13 +474,7 @@ fn bench_plugin(
                 .map_err(call_err(Op::Version, i, "exec baseline"))
         },
     )?;
-    out.extend(measurement(
-        target,
-        Op::Version,
-        1,
-        &versions.samples,
-        versions.total,
-    ));
+    out.extend(measurement(target, Op::Version, 1, &versions));
     Ok(out)
 }
 
@@ -598,25 +531,13 @@ fn bench_floor(lab: &Lab, opts: &BenchOptions) -> Result<Vec<Measurement>, Bench
         let added = drive(opts.pods, conc, new_worker, |w, i| {
             w.add(&specs[i]).map_err(floor_err(Op::Add, i, &phase))
         })?;
-        out.extend(measurement(
-            Target::Floor,
-            Op::Add,
-            conc,
-            &added.samples,
-            added.total,
-        ));
+        out.extend(measurement(Target::Floor, Op::Add, conc, &added));
         std::thread::sleep(opts.settle);
         tracing::info!(target = %Target::Floor, %phase, "DEL");
         let deleted = drive(opts.pods, conc, new_worker, |w, i| {
             w.del(&hosts[i]).map_err(floor_err(Op::Del, i, &phase))
         })?;
-        out.extend(measurement(
-            Target::Floor,
-            Op::Del,
-            conc,
-            &deleted.samples,
-            deleted.total,
-        ));
+        out.extend(measurement(Target::Floor, Op::Del, conc, &deleted));
     }
     Ok(out)
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{BenchReport, ExecMode, Measurement, Op, Target};
+use super::{BenchReport, Measurement, Op, Target};
 
 /// A ratio between two medians, with the goal it is read against (nothing is asserted).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -211,17 +211,13 @@ pub fn ratio_lines(ratios: &[Ratio]) -> String {
 /// The whole printout: a header line, the table, skipped targets, the ratios.
 pub fn render(report: &BenchReport) -> String {
     let levels: Vec<String> = report.levels.iter().map(ToString::to_string).collect();
-    let wait = match report.exec {
-        ExecMode::Wait => "waitpid",
-        ExecMode::Poll => "try_wait polled every 5 ms",
-    };
     let settle = if report.settle_ms > 0 {
         format!("; pods held {} ms before DEL", report.settle_ms)
     } else {
         String::new()
     };
     let mut out = format!(
-        "nodekit-bench: {} pods per phase, concurrency {}; plugin calls timed spawn to exit ({wait}){settle}\n\n",
+        "nodekit-bench: {} pods per phase, concurrency {}; plugin calls timed spawn to exit (waitpid){settle}\n\n",
         report.pods,
         levels.join(" and ")
     );
@@ -244,7 +240,7 @@ struct JsonReport<'a> {
     ratios: Vec<Ratio>,
 }
 
-/// The figures as JSON: `{pods, levels, exec, settle_ms, results: [{target, op, concurrency, n,
+/// The figures as JSON: `{pods, levels, settle_ms, results: [{target, op, concurrency, n,
 /// median_ms, p95_ms, mean_ms, min_ms, max_ms, total_ms, ops_per_s, samples_ms}], skipped,
 /// ratios: [{name, concurrency, value, goal}]}`.
 pub fn to_json(report: &BenchReport) -> Result<String, WriteError> {
@@ -286,7 +282,6 @@ mod tests {
         BenchReport {
             pods: 4,
             levels: vec![1, 2],
-            exec: ExecMode::Wait,
             settle_ms: 0,
             results: vec![
                 m(Target::Floor, Op::Add, 1, 1),
@@ -375,7 +370,7 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_str(&to_json(&r).expect("json")).expect("valid");
         assert_eq!(json["pods"], 4);
-        assert_eq!(json["exec"], "wait");
+        assert_eq!(json["settle_ms"], 0);
         assert_eq!(json["results"][0]["target"], "floor");
         assert_eq!(json["results"][0]["op"], "ADD");
         assert_eq!(json["results"][0]["median_ms"], 1.0);

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use nodekit_conformance::bench::{self, report, BenchOptions, ExecMode, Target};
+use nodekit_conformance::bench::{self, report, BenchOptions, Target};
 
 /// Whole-binary CNI benchmark: pod ADD and DEL latency as a container runtime sees it.
 ///
@@ -39,11 +39,6 @@ struct Cli {
     /// Directory holding the reference `bridge` and `host-local` plugins.
     #[arg(long, value_name = "DIR", default_value = "/usr/lib/cni")]
     reference_bin_dir: PathBuf,
-
-    /// How plugin processes are waited for: `wait` blocks in waitpid; `poll` uses the
-    /// conformance runner's executor, which polls every 5 ms (inflates every figure).
-    #[arg(long, value_enum, default_value_t = ExecMode::Wait)]
-    exec: ExecMode,
 
     /// Seconds one plugin call may run before it is killed.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -89,7 +84,6 @@ fn main() -> ExitCode {
         concurrency: usize::try_from(cli.concurrency).unwrap_or(1),
         targets: cli.targets,
         reference_bin_dir: cli.reference_bin_dir,
-        exec: cli.exec,
         timeout: Duration::from_secs(cli.timeout.max(1)),
         settle: Duration::from_millis(cli.settle_ms),
         ..BenchOptions::new(cni_bin_dir)

@@ -1,5 +1,5 @@
 //! The checks of suite `cni`, each a test whose name reads as a sentence. Every check makes
-//! its own pod namespaces and DELs every attachment it made before returning ([`Pod`] is a
+//! its own pod namespaces and DELs every attachment it made before returning (`Pod` is a
 //! drop guard), so checks are independent of each other's order.
 
 use std::collections::BTreeSet;
@@ -932,6 +932,30 @@ fn long_ifname_fails(env: &Env) -> Result<Outcome, CheckError> {
     })
 }
 
+/// Runs `verb` on every pod at once, one thread each, and describes each failure as
+/// `ADD #3: ...` (a panicking thread counts as a failure).
+fn on_every_pod<'e>(
+    pods: &mut [Pod<'e>],
+    verb: &str,
+    call: impl Fn(&mut Pod<'e>) -> Result<(), CallError> + Sync,
+) -> Vec<String> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = pods
+            .iter_mut()
+            .map(|pod| scope.spawn(|| call(pod)))
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, h)| match h.join() {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("{verb} #{i}: {e}")),
+                Err(_) => Some(format!("{verb} #{i}: the {verb} thread panicked")),
+            })
+            .collect()
+    })
+}
+
 fn parallel_add_and_del(env: &Env) -> Result<Outcome, CheckError> {
     const N: usize = 20;
     if let Err(e) = env.ensure_warm() {
@@ -943,28 +967,7 @@ fn parallel_add_and_del(env: &Env) -> Result<Outcome, CheckError> {
     let mut pods = (0..N)
         .map(|_| Pod::new(env))
         .collect::<Result<Vec<_>, _>>()?;
-    let adds: Vec<Result<(), CallError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = pods
-            .iter_mut()
-            .map(|pod| scope.spawn(move || pod.add().map(|_| ())))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(CallError::Exec(ExecError::Io {
-                        binary: PathBuf::new(),
-                        source: std::io::Error::other("ADD thread panicked"),
-                    }))
-                })
-            })
-            .collect()
-    });
-    let mut problems: Vec<String> = adds
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| r.as_ref().err().map(|e| format!("ADD #{i}: {e}")))
-        .collect();
+    let mut problems = on_every_pod(&mut pods, "ADD", |pod| pod.add().map(|_| ()));
     let mut seen: BTreeSet<IpAddr> = BTreeSet::new();
     for pod in pods.iter().filter(|p| p.cached.is_some()) {
         for addr in pod.view()?.sandbox_addresses() {
@@ -973,28 +976,7 @@ fn parallel_add_and_del(env: &Env) -> Result<Outcome, CheckError> {
             }
         }
     }
-    let dels: Vec<Result<(), CallError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = pods
-            .iter_mut()
-            .map(|pod| scope.spawn(move || pod.del()))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(CallError::Exec(ExecError::Io {
-                        binary: PathBuf::new(),
-                        source: std::io::Error::other("DEL thread panicked"),
-                    }))
-                })
-            })
-            .collect()
-    });
-    problems.extend(
-        dels.iter()
-            .enumerate()
-            .filter_map(|(i, r)| r.as_ref().err().map(|e| format!("DEL #{i}: {e}"))),
-    );
+    problems.extend(on_every_pod(&mut pods, "DEL", Pod::del));
     let after = node_state(env)?;
     let leaked = after.new_links_since(&before);
     if !leaked.is_empty() {

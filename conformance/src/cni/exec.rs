@@ -8,12 +8,16 @@
 //! and the real [`NetnsExec`] runs plugins inside the lab's node namespace.
 
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use nodekit_nsutil::NetNs;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -24,8 +28,9 @@ use super::version::{negotiate, CniVersion, Negotiated, NegotiationError, Plugin
 /// How long one plugin invocation may run before it is killed.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The CNI verbs (`CNI_COMMAND`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The CNI verbs (`CNI_COMMAND`), serialised as [`CniCommand::as_str`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum CniCommand {
     /// Add a container to the network.
     Add,
@@ -194,7 +199,10 @@ pub trait PluginExec: Send + Sync {
 }
 
 /// Runs each plugin as a child process inside a network namespace (the node's), the way a
-/// runtime on the node does, and kills it (with its process group) past the deadline.
+/// runtime on the node does: only the call's `CNI_*` environment, stdin fed, stdout and
+/// stderr collected. It blocks in `waitpid` rather than polling, so a call's wall time is
+/// the plugin's own (what the bench measures, as a Go runtime's `exec.Cmd.Run` sees it); a
+/// watchdog thread kills the plugin's process group past the deadline.
 #[derive(Debug)]
 pub struct NetnsExec {
     ns: NetNs,
@@ -202,7 +210,7 @@ pub struct NetnsExec {
 }
 
 impl NetnsExec {
-    /// Plugins will run inside `ns` and be killed after `timeout`.
+    /// Plugins will run inside `ns` and be killed (with their process group) after `timeout`.
     pub fn new(ns: NetNs, timeout: Duration) -> Self {
         Self { ns, timeout }
     }
@@ -215,10 +223,6 @@ impl PluginExec for NetnsExec {
                 binary: binary.to_path_buf(),
             });
         }
-        let io_err = |source| ExecError::Io {
-            binary: binary.to_path_buf(),
-            source,
-        };
         let mut cmd = Command::new(binary);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("CNI_") {
@@ -235,65 +239,51 @@ impl PluginExec for NetnsExec {
             binary: binary.to_path_buf(),
             source,
         })?;
+        let pgid = Pid::from_raw(child.id() as i32);
         let stdin = child.stdin.take();
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let deadline = Instant::now() + self.timeout;
-        std::thread::scope(|scope| {
-            let writer = scope.spawn(move || {
-                if let Some(mut pipe) = stdin {
-                    // A plugin may exit without reading stdin (VERSION, early errors).
-                    let _ = pipe.write_all(&call.stdin);
+        let killed = AtomicBool::new(false);
+        let (done, finished) = mpsc::channel::<()>();
+        let output = std::thread::scope(|scope| {
+            let killed = &killed;
+            let timeout = self.timeout;
+            scope.spawn(move || {
+                if let Err(mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(timeout) {
+                    killed.store(true, Ordering::SeqCst);
+                    let _ = killpg(pgid, Signal::SIGKILL);
                 }
             });
-            let read_all = |pipe: Option<Box<dyn Read + Send>>| {
-                move || {
-                    let mut buf = Vec::new();
-                    if let Some(mut pipe) = pipe {
-                        let _ = pipe.read_to_end(&mut buf);
-                    }
-                    buf
-                }
-            };
-            let out_reader = scope.spawn(read_all(
-                stdout.map(|p| Box::new(p) as Box<dyn Read + Send>),
-            ));
-            let err_reader = scope.spawn(read_all(
-                stderr.map(|p| Box::new(p) as Box<dyn Read + Send>),
-            ));
-            let status = loop {
-                if let Some(status) = child.try_wait().map_err(io_err)? {
-                    break status;
-                }
-                if Instant::now() >= deadline {
-                    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-                    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(ExecError::Timeout {
-                        binary: binary.to_path_buf(),
-                        after: self.timeout,
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            };
-            // A leftover grandchild holding our pipes open must not hang the runner.
-            while !(out_reader.is_finished() && err_reader.is_finished()) {
-                if Instant::now() >= deadline {
-                    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-                    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
+            let writer = stdin.map(|mut pipe| {
+                // A plugin may exit without reading stdin (VERSION, early errors): ignore
+                // EPIPE. On a thread, so a large input cannot block the wait.
+                scope.spawn(move || {
+                    let _ = pipe.write_all(&call.stdin);
+                })
+            });
+            // Reads stdout and stderr to their end, then reaps the plugin. A leftover
+            // grandchild holding the pipes open is killed with the group at the deadline.
+            let output = child.wait_with_output();
+            if let Some(writer) = writer {
+                let _ = writer.join();
             }
-            let _ = writer.join();
-            let stdout = out_reader.join().unwrap_or_default();
-            let stderr = err_reader.join().unwrap_or_default();
-            Ok(RawOutput {
-                status,
-                stdout,
-                stderr,
-            })
+            drop(done);
+            output
+        });
+        let output = output.map_err(|source| ExecError::Io {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+        // Only a plugin the watchdog killed timed out: one that exited on its own but left a
+        // grandchild holding its pipes until the deadline still answered.
+        if killed.load(Ordering::SeqCst) && output.status.signal() == Some(Signal::SIGKILL as i32) {
+            return Err(ExecError::Timeout {
+                binary: binary.to_path_buf(),
+                after: self.timeout,
+            });
+        }
+        Ok(RawOutput {
+            status: output.status,
+            stdout: output.stdout,
+            stderr: output.stderr,
         })
     }
 }
@@ -987,11 +977,19 @@ mod tests {
         assert!(raw.status.success());
         let v: Value = serde_json::from_slice(&raw.stdout).expect("json");
         assert_eq!(v, json!({"cmd":"ADD","stray":"","in":{"x":1}}));
+        let big = PluginCall {
+            stdin: format!("\"{}\"", "a".repeat(200_000)).into_bytes(),
+            ..call.clone()
+        };
+        let raw = exec.exec(&script, &big).expect("large stdin");
+        assert!(raw.stdout.len() > 200_000);
+        let started = Instant::now();
         let slow = call.clone().with("CNI_COMMAND", "SLEEP");
         assert!(matches!(
             exec.exec(&script, &slow),
             Err(ExecError::Timeout { .. })
         ));
+        assert!(started.elapsed() < Duration::from_secs(3), "killed early");
         let started = Instant::now();
         let daemon = exec
             .exec(&script, &call.clone().with("CNI_COMMAND", "DAEMON"))
