@@ -75,6 +75,8 @@ fn bench(c: &mut Criterion) {
             let id = h.id.clone();
             allocator::assign(&mut state, h, None).unwrap();
             allocator::release(&mut state, &id);
+            state.take_changes() // what a commit reads
+
         })
     });
     group.finish();
