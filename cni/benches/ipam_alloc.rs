@@ -76,7 +76,6 @@ fn bench(c: &mut Criterion) {
             allocator::assign(&mut state, h, None).unwrap();
             allocator::release(&mut state, &id);
             state.take_changes() // what a commit reads
-
         })
     });
     group.finish();
