@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnetwork::IpNetwork;
 use nodekit_cni::ctl::{self, Format};
-use nodekit_cni::ipam::config::{DatastoreConf, DEFAULT_FILE_DATASTORE};
+use nodekit_cni::ipam::config::{DatastoreConf, DEFAULT_ETCD_PREFIX, DEFAULT_FILE_DATASTORE};
 
 /// Administer nodekit's IPAM: pools, usage, leaked allocations.
 #[derive(Parser)]
@@ -19,6 +19,12 @@ struct Cli {
     /// Directory of the file datastore (the `ipam.datastore.path` of the network config).
     #[arg(long, env = "NODEKIT_DATASTORE_PATH", default_value = DEFAULT_FILE_DATASTORE)]
     path: PathBuf,
+    /// etcd client URLs, comma-separated (with `--datastore etcd`).
+    #[arg(long, env = "NODEKIT_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// etcd key prefix (with `--datastore etcd`).
+    #[arg(long, default_value = DEFAULT_ETCD_PREFIX)]
+    prefix: String,
     /// Output format of reports.
     #[arg(long, short, value_enum, default_value = "table", global = true)]
     output: Output,
@@ -30,6 +36,8 @@ struct Cli {
 enum Backend {
     /// The embedded file store.
     File,
+    /// etcd v3.
+    Etcd,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -118,6 +126,10 @@ fn main() -> ExitCode {
     };
     let conf = match cli.datastore {
         Backend::File => DatastoreConf::File { path: cli.path },
+        Backend::Etcd => DatastoreConf::Etcd {
+            endpoints: cli.etcd_endpoints,
+            prefix: cli.prefix,
+        },
     };
     let result = conf.open().and_then(|store| {
         let store = store.as_ref();

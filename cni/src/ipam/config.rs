@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use ipnetwork::IpNetwork;
 use serde::Deserialize;
 
+use super::etcd_store::EtcdStore;
 use super::file_store::FileStore;
 use super::model::Pool;
 use super::store::Datastore;
@@ -60,6 +61,22 @@ pub enum DatastoreConf {
         /// Directory of the store.
         path: PathBuf,
     },
+    /// etcd v3, shared by every node.
+    #[serde(rename = "etcd")]
+    Etcd {
+        /// Client URLs, `http://IP:PORT`.
+        endpoints: Vec<String>,
+        /// Key prefix (default `/nodekit`).
+        #[serde(default = "default_etcd_prefix")]
+        prefix: String,
+    },
+}
+
+/// Where nodekit's keys live in etcd unless configured.
+pub const DEFAULT_ETCD_PREFIX: &str = "/nodekit";
+
+fn default_etcd_prefix() -> String {
+    DEFAULT_ETCD_PREFIX.into()
 }
 
 impl Default for DatastoreConf {
@@ -83,6 +100,7 @@ impl DatastoreConf {
                 }
                 Ok(Box::new(FileStore::open(path)?))
             }
+            Self::Etcd { endpoints, prefix } => Ok(Box::new(EtcdStore::open(endpoints, prefix)?)),
         }
     }
 }
@@ -126,7 +144,11 @@ impl IpamNetConf {
             "ipam",
             &["type", "datastore", "pools", "nodeName", "routes"],
         )?;
-        reject_unknown(&ipam["datastore"], "ipam.datastore", &["type", "path"])?;
+        reject_unknown(
+            &ipam["datastore"],
+            "ipam.datastore",
+            &["type", "path", "endpoints", "prefix"],
+        )?;
         for (i, pool) in ipam["pools"].as_array().into_iter().flatten().enumerate() {
             reject_unknown(
                 pool,

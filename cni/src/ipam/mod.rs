@@ -5,6 +5,7 @@
 pub mod allocator;
 pub mod check;
 pub mod config;
+pub mod etcd_store;
 pub mod file_store;
 pub mod model;
 pub mod plugin;
@@ -99,6 +100,20 @@ pub enum IpamError {
         /// How long it has held it.
         held_ms: u64,
     },
+    /// The etcd datastore cannot be reached (or did not answer in time).
+    #[error("etcd at {endpoints} is unreachable: {reason}; try again later")]
+    Unavailable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The client's error.
+        reason: String,
+    },
+    /// Every attempt of a transaction lost a race with other writers.
+    #[error("the datastore stayed contended for {attempts} attempts; try again later")]
+    Contended {
+        /// Attempts made.
+        attempts: usize,
+    },
     /// Reading or writing the datastore failed.
     #[error("datastore {op} {path}: {source}")]
     Io {
@@ -141,7 +156,9 @@ impl From<IpamError> for ErrorResult {
             IpamError::Exhausted { .. } => code::POOL_EXHAUSTED,
             IpamError::UnsupportedField { .. } => code::UNSUPPORTED_FIELD,
             IpamError::CheckFailed { .. } => code::UNKNOWN_CONTAINER,
-            IpamError::LockTimeout { .. } => code::TRY_AGAIN_LATER,
+            IpamError::LockTimeout { .. }
+            | IpamError::Unavailable { .. }
+            | IpamError::Contended { .. } => code::TRY_AGAIN_LATER,
             IpamError::Io { .. } => code::IO_FAILURE,
             IpamError::Corrupt { .. } => code::DATASTORE,
         };

@@ -294,3 +294,71 @@ fn links_in(ns: &NetNs) -> BTreeSet<String> {
     })
     .unwrap()
 }
+
+/// A real etcd (Debian's etcd-server) serving 127.0.0.1:2379 inside `ns`, with its own data
+/// dir; killed and removed on drop.
+pub struct Etcd {
+    child: std::process::Child,
+    _data: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// The client URL, as seen from inside the namespace.
+    pub const URL: &'static str = "http://127.0.0.1:2379";
+
+    pub fn start(ns: &NetNs) -> Self {
+        assert!(
+            Path::new("/usr/bin/etcd").exists(),
+            "etcd is missing: apt-get install etcd-server"
+        );
+        let data = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("/usr/bin/etcd");
+        cmd.args([
+            "--name",
+            "nk",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--listen-client-urls",
+            Self::URL,
+            "--advertise-client-urls",
+            Self::URL,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "nk=http://127.0.0.1:2380",
+            "--log-level",
+            "error",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        ns.apply_to_command(&mut cmd);
+        let child = cmd.spawn().expect("start etcd");
+        let etcd = Self { child, _data: data };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            let up = ns
+                .run(|| {
+                    std::net::TcpStream::connect_timeout(
+                        &"127.0.0.1:2379".parse().unwrap(),
+                        std::time::Duration::from_millis(200),
+                    )
+                    .is_ok()
+                })
+                .unwrap();
+            if up {
+                return etcd;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("etcd did not start listening within 20 s");
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
