@@ -20,6 +20,7 @@ fn handle(i: u64) -> Handle {
         node: "n1".into(),
         netns: String::new(),
         addresses: vec![],
+        pod: None,
     }
 }
 
@@ -31,7 +32,7 @@ fn pool() -> Pool {
 fn prepared_store(dir: &std::path::Path) -> FileStore {
     let store = FileStore::open(dir).unwrap();
     store
-        .transact(&mut |s| allocator::ensure_pool(s, pool(), true))
+        .transact(&mut |s| allocator::ensure_pool(s, pool(), allocator::Overrides::ALL))
         .unwrap();
     for i in 0..200 {
         transact_with(&store, |s| {
@@ -67,7 +68,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     let mut state = IpamState::default();
-    allocator::ensure_pool(&mut state, pool(), true).unwrap();
+    allocator::ensure_pool(&mut state, pool(), allocator::Overrides::ALL).unwrap();
     group.bench_function("in-memory floor", |b| {
         b.iter(|| {
             i += 1;

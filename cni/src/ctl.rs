@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::ipam::allocator::{self, usage};
 use crate::ipam::check::{self, Finding};
-use crate::ipam::model::Pool;
+use crate::ipam::model::{NodeInfo, Pool};
 use crate::ipam::store::{transact_with, Datastore};
 use crate::ipam::IpamError;
 
@@ -27,23 +27,75 @@ fn json<T: Serialize>(value: &T) -> String {
     serde_json::to_string_pretty(value).unwrap_or_default()
 }
 
-/// `ipam pool add`: creates a pool (idempotent for an identical one).
-pub fn pool_add(
-    store: &dyn Datastore,
-    name: &str,
-    cidr: IpNetwork,
-    block_size: Option<u8>,
-    disabled: bool,
-) -> Result<String, IpamError> {
-    let mut pool = Pool::new(name, cidr, block_size)?;
-    pool.disabled = disabled;
+/// `ipam pool add`: creates a pool (idempotent for an identical one). `pool` carries the
+/// optional attributes (disabled, nodeSelector, strictAffinity) on top of [`Pool::new`].
+pub fn pool_add(store: &dyn Datastore, pool: Pool) -> Result<String, IpamError> {
+    pool.validate()?;
+    let (name, cidr, disabled) = (pool.name.clone(), pool.cidr, pool.disabled);
     transact_with(store, |state| {
-        allocator::ensure_pool(state, pool.clone(), true)
+        allocator::ensure_pool(state, pool.clone(), allocator::Overrides::ALL)
     })?;
     Ok(format!(
         "pool {name} {cidr} (/{} blocks){}\n",
         pool.block_size,
         if disabled { " disabled" } else { "" }
+    ))
+}
+
+/// `node list`: nodes with address and labels.
+pub fn node_list(store: &dyn Datastore, format: Format) -> Result<String, IpamError> {
+    let state = store.read()?;
+    let nodes: Vec<&NodeInfo> = state.nodes().values().collect();
+    if format == Format::Json {
+        return Ok(json(&nodes));
+    }
+    let mut out = format!("{:<24} {:<40} LABELS\n", "NAME", "IP");
+    for n in nodes {
+        let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let ip = n.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into());
+        let _ = writeln!(out, "{:<24} {:<40} {}", n.name, ip, labels.join(","));
+    }
+    Ok(out)
+}
+
+/// `node set`: registers or updates a node's address and labels (labels merge; `k=` removes).
+pub fn node_set(
+    store: &dyn Datastore,
+    name: &str,
+    ip: Option<IpAddr>,
+    labels: &[(String, String)],
+) -> Result<String, IpamError> {
+    transact_with(store, |state| {
+        let mut node = state
+            .nodes()
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| NodeInfo {
+                name: name.to_string(),
+                ..Default::default()
+            });
+        if ip.is_some() {
+            node.ip = ip;
+        }
+        for (k, v) in labels {
+            if v.is_empty() {
+                node.labels.remove(k);
+            } else {
+                node.labels.insert(k.clone(), v.clone());
+            }
+        }
+        state.put_node(node);
+        Ok(())
+    })?;
+    Ok(format!("node {name} updated\n"))
+}
+
+/// `node remove`: releases a departed node's allocations and blocks.
+pub fn node_remove(store: &dyn Datastore, name: &str) -> Result<String, IpamError> {
+    let removal = transact_with(store, |state| Ok(allocator::remove_node(state, name)))?;
+    Ok(format!(
+        "node {name} removed: {} allocation(s) released, {} block(s) returned, {} block(s) kept for addresses other nodes borrowed\n",
+        removal.handles, removal.blocks, removal.orphaned
     ))
 }
 
@@ -189,7 +241,12 @@ pub fn render_findings(findings: &[Finding], format: Format) -> String {
     let mut out = String::new();
     for f in findings {
         let addrs: Vec<String> = f.addresses.iter().map(ToString::to_string).collect();
-        let _ = writeln!(out, "{}  {}  {}", f.handle, addrs.join(","), f.reason);
+        let pod = f
+            .pod
+            .as_deref()
+            .map(|p| format!(" (pod {p})"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "{}{pod}  {}  {}", f.handle, addrs.join(","), f.reason);
     }
     let _ = writeln!(
         out,
@@ -218,6 +275,7 @@ pub fn release(
             findings.push(Finding {
                 handle: id.clone(),
                 addresses: vec![],
+                pod: None,
                 reason: String::new(),
             });
         }
@@ -230,6 +288,7 @@ pub fn release(
                 Some(handle) => findings.push(Finding {
                     handle,
                     addresses: vec![],
+                    pod: None,
                     reason: String::new(),
                 }),
                 None => {
@@ -255,13 +314,12 @@ mod tests {
     fn pool_lifecycle_show_and_release_by_ip() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
-        pool_add(&store, "a", "10.9.0.0/24".parse().unwrap(), Some(28), false).unwrap();
-        assert!(
-            pool_add(&store, "b", "10.9.0.128/25".parse().unwrap(), None, false)
-                .unwrap_err()
-                .to_string()
-                .contains("overlaps")
-        );
+        let pool = |name: &str, cidr: &str, bs| Pool::new(name, cidr.parse().unwrap(), bs).unwrap();
+        pool_add(&store, pool("a", "10.9.0.0/24", Some(28))).unwrap();
+        assert!(pool_add(&store, pool("b", "10.9.0.128/25", None))
+            .unwrap_err()
+            .to_string()
+            .contains("overlaps"));
         let handle = Handle {
             id: "n.c.eth0".into(),
             network: "n".into(),
@@ -270,6 +328,7 @@ mod tests {
             node: "n1".into(),
             netns: "/run/netns/none".into(),
             addresses: vec![],
+            pod: None,
         };
         let got = transact_with(&store, |s| allocator::assign(s, handle.clone(), None)).unwrap();
         let text = show(&store, Format::Table).unwrap();

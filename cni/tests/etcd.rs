@@ -20,6 +20,7 @@ fn handle(id: &str, node: &str) -> Handle {
         node: node.into(),
         netns: String::new(),
         addresses: vec![],
+        pod: None,
     }
 }
 
@@ -36,7 +37,7 @@ fn concurrent_writers_on_several_nodes_never_share_an_address() {
             store()
                 .transact(&mut |s| {
                     let pool = Pool::new("p", "10.50.0.0/24".parse().unwrap(), Some(28))?;
-                    allocator::ensure_pool(s, pool, true)
+                    allocator::ensure_pool(s, pool, allocator::Overrides::ALL)
                 })
                 .unwrap()
         })
@@ -146,4 +147,75 @@ fn an_unreachable_etcd_fails_add_with_code_11_naming_the_endpoint_and_leaves_not
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     assert_eq!(node.links().len(), 1, "{:?}", node.links());
     assert_eq!(pod.links().len(), 1, "{:?}", pod.links());
+}
+
+#[test]
+fn node_labels_select_pools_and_removing_a_node_releases_its_addresses() {
+    let node = Node::new();
+    let _etcd = Etcd::start(&node.ns);
+    let ctl = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nodekitctl"));
+        cmd.args([
+            "--datastore",
+            "etcd",
+            "--etcd-endpoints",
+            Etcd::URL,
+            "--prefix",
+            "/nk-sel",
+        ])
+        .args(args);
+        node.ns.apply_to_command(&mut cmd);
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    ctl(&[
+        "ipam",
+        "pool",
+        "add",
+        "rack-a",
+        "10.60.0.0/24",
+        "--node-selector",
+        "rack=a",
+    ]);
+    ctl(&[
+        "ipam",
+        "pool",
+        "add",
+        "rack-b",
+        "10.61.0.0/24",
+        "--node-selector",
+        "rack=b",
+        "--strict-affinity",
+    ]);
+    ctl(&[
+        "node",
+        "set",
+        "n1",
+        "--ip",
+        "192.0.2.1",
+        "--label",
+        "rack=b",
+    ]);
+    assert!(ctl(&["node", "list"]).contains("rack=b"));
+    let mut conf = node.conf("1.1.0", "routed", json!([]));
+    conf["ipam"]["datastore"] =
+        json!({"type": "etcd", "endpoints": [Etcd::URL], "prefix": "/nk-sel"});
+    let pods: Vec<Pod> = (0..2).map(|_| Pod::new()).collect();
+    for (i, pod) in pods.iter().enumerate() {
+        let added = node.add(&conf, &format!("c{i}"), pod).expect_ok();
+        assert!(added.ip().starts_with("10.61.0."), "{:?}", added.ips());
+    }
+    let removed = ctl(&["node", "remove", "n1"]);
+    assert!(removed.contains("2 allocation(s) released"), "{removed}");
+    assert!(ctl(&["ipam", "show"]).contains("10.61.0.0/24"));
+    assert!(!ctl(&["node", "list"]).contains("n1"));
+    // An unlabelled node gets no pool, and is told why.
+    let stray = node.add(&conf, "c9", &Pod::new());
+    assert_eq!(stray.code(), 7, "{}", stray.out);
+    assert!(stray.msg().contains("rack=a"), "{}", stray.msg());
 }

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ipnetwork::IpNetwork;
 use nodekit_cni::ctl::{self, Format};
 use nodekit_cni::ipam::config::{DatastoreConf, DEFAULT_ETCD_PREFIX, DEFAULT_FILE_DATASTORE};
+use nodekit_cni::ipam::model::Pool;
 
 /// Administer nodekit's IPAM: pools, usage, leaked allocations.
 #[derive(Parser)]
@@ -51,6 +52,38 @@ enum Top {
     /// IP address management.
     #[command(subcommand)]
     Ipam(Ipam),
+    /// Nodes known to the IPAM.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// List nodes with address and labels.
+    List,
+    /// Register or update a node (labels merge; KEY= removes one).
+    Set {
+        /// Node name.
+        name: String,
+        /// Underlay address.
+        #[arg(long)]
+        ip: Option<IpAddr>,
+        /// Label, KEY=VALUE (repeatable).
+        #[arg(long, value_parser = parse_label)]
+        label: Vec<(String, String)>,
+    },
+    /// Release a departed node's allocations and blocks.
+    Remove {
+        /// Node name.
+        name: String,
+    },
+}
+
+fn parse_label(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{raw:?} is not KEY=VALUE"))
 }
 
 #[derive(Subcommand)]
@@ -97,6 +130,12 @@ enum PoolCmd {
         /// Create it disabled.
         #[arg(long)]
         disabled: bool,
+        /// Only nodes with this label allocate from it (repeatable, KEY=VALUE).
+        #[arg(long, value_parser = parse_label)]
+        node_selector: Vec<(String, String)>,
+        /// Never lend single addresses of this pool's blocks to other nodes.
+        #[arg(long)]
+        strict_affinity: bool,
     },
     /// List pools.
     List,
@@ -139,7 +178,22 @@ fn main() -> ExitCode {
                 cidr,
                 block_size,
                 disabled,
-            })) => ctl::pool_add(store, &name, cidr, block_size, disabled),
+                node_selector,
+                strict_affinity,
+            })) => Pool::new(&name, cidr, block_size).and_then(|pool| {
+                ctl::pool_add(
+                    store,
+                    Pool {
+                        disabled,
+                        node_selector: node_selector.into_iter().collect(),
+                        strict_affinity,
+                        ..pool
+                    },
+                )
+            }),
+            Top::Node(NodeCmd::List) => ctl::node_list(store, format),
+            Top::Node(NodeCmd::Set { name, ip, label }) => ctl::node_set(store, &name, ip, &label),
+            Top::Node(NodeCmd::Remove { name }) => ctl::node_remove(store, &name),
             Top::Ipam(Ipam::Pool(PoolCmd::List)) => ctl::pool_list(store, format),
             Top::Ipam(Ipam::Pool(PoolCmd::Disable { name })) => {
                 ctl::pool_set_disabled(store, &name, true)

@@ -81,7 +81,7 @@ pub fn assign(
             .map(|a| assigned_from(state, *a))
             .collect());
     }
-    let candidates = candidate_pools(state, pool_names)?;
+    let candidates = candidate_pools(state, pool_names, &handle.node)?;
     let mut assigned = Vec::new();
     for v4 in [true, false] {
         let family: Vec<Pool> = candidates
@@ -115,8 +115,79 @@ pub fn release(state: &mut IpamState, handle_id: &str) -> Option<Handle> {
         if let (Some(ordinal), Some(block)) = (ordinal, state.block_mut(&key)) {
             block.allocations.remove(&ordinal);
         }
+        give_back_if_unneeded(state, &key, &handle.node);
     }
     Some(Arc::unwrap_or_clone(handle))
+}
+
+/// Returns an empty block to its pool when its node has another block of that pool with
+/// room, so nodes do not sit on blocks they no longer need.
+fn give_back_if_unneeded(state: &mut IpamState, key: &str, node: &str) {
+    let Some(block) = state.blocks().get(key) else {
+        return;
+    };
+    if !block.allocations.is_empty() || block.affinity.as_deref() != Some(node) {
+        return;
+    }
+    let pool = block.pool.clone();
+    let spare = state.blocks().values().any(|b| {
+        b.key() != key
+            && b.pool == pool
+            && b.affinity.as_deref() == Some(node)
+            && b.first_free().is_some()
+    });
+    if spare {
+        state.remove_block(key);
+    }
+}
+
+/// What removing a node released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeRemoval {
+    /// Handles (attachments) released.
+    pub handles: usize,
+    /// Blocks returned to their pools.
+    pub blocks: usize,
+    /// Blocks kept, without affinity, for addresses other nodes borrowed from them.
+    pub orphaned: usize,
+}
+
+/// Forgets a departed node: releases its allocations, returns its blocks (blocks still
+/// holding addresses borrowed by other nodes lose their affinity instead), drops its record.
+pub fn remove_node(state: &mut IpamState, name: &str) -> NodeRemoval {
+    let handles: Vec<String> = state
+        .handles()
+        .values()
+        .filter(|h| h.node == name)
+        .map(|h| h.id.clone())
+        .collect();
+    for id in &handles {
+        release(state, id);
+    }
+    let blocks: Vec<(String, bool)> = state
+        .blocks()
+        .values()
+        .filter(|b| b.affinity.as_deref() == Some(name))
+        .map(|b| (b.key(), b.allocations.is_empty()))
+        .collect();
+    let mut removal = NodeRemoval {
+        handles: handles.len(),
+        blocks: 0,
+        orphaned: 0,
+    };
+    for (key, empty) in blocks {
+        if empty {
+            state.remove_block(&key);
+            removal.blocks += 1;
+        } else if let Some(block) = state.block_mut(&key) {
+            block.affinity = None;
+            removal.orphaned += 1;
+        }
+    }
+    if state.nodes().contains_key(name) {
+        state.remove_node(name);
+    }
+    removal
 }
 
 /// Usage of every pool, in name order.
@@ -170,13 +241,39 @@ pub fn check_available(
         node: node.to_string(),
         netns: String::new(),
         addresses: Vec::new(),
+        pod: None,
     };
     assign(&mut probe, handle, pool_names).map(|_| ())
 }
 
+/// Which attributes of an existing pool a request sets; the others keep their stored value
+/// (so a network config that only names a pool does not undo `nodekitctl` changes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// Set `disabled`.
+    pub disabled: bool,
+    /// Set `nodeSelector`.
+    pub node_selector: bool,
+    /// Set `strictAffinity`.
+    pub strict_affinity: bool,
+}
+
+impl Overrides {
+    /// Every attribute comes from the request.
+    pub const ALL: Self = Self {
+        disabled: true,
+        node_selector: true,
+        strict_affinity: true,
+    };
+}
+
 /// Makes `pool` exist: a no-op when an identical pool is there, an error when its name or
-/// range clashes with another pool. `disabled` is taken from `pool` only when `set_disabled`.
-pub fn ensure_pool(state: &mut IpamState, pool: Pool, set_disabled: bool) -> Result<(), IpamError> {
+/// range clashes with another pool. Of an existing pool only the `overrides` change.
+pub fn ensure_pool(
+    state: &mut IpamState,
+    pool: Pool,
+    overrides: Overrides,
+) -> Result<(), IpamError> {
     for existing in state.pools().values() {
         let conflict = |reason: String| IpamError::PoolConflict {
             name: pool.name.clone(),
@@ -200,12 +297,27 @@ pub fn ensure_pool(state: &mut IpamState, pool: Pool, set_disabled: bool) -> Res
             )));
         }
     }
-    let disabled = if set_disabled {
-        pool.disabled
-    } else {
-        state.pools().get(&pool.name).is_some_and(|p| p.disabled)
+    let pool = match state.pools().get(&pool.name) {
+        Some(existing) => Pool {
+            disabled: if overrides.disabled {
+                pool.disabled
+            } else {
+                existing.disabled
+            },
+            node_selector: if overrides.node_selector {
+                pool.node_selector
+            } else {
+                existing.node_selector.clone()
+            },
+            strict_affinity: if overrides.strict_affinity {
+                pool.strict_affinity
+            } else {
+                existing.strict_affinity
+            },
+            ..pool
+        },
+        None => pool,
     };
-    let pool = Pool { disabled, ..pool };
     if state.pools().get(&pool.name) != Some(&pool) {
         state.put_pool(pool);
     }
@@ -247,6 +359,7 @@ pub fn remove_pool(state: &mut IpamState, name: &str) -> Result<(), IpamError> {
 fn candidate_pools(
     state: &IpamState,
     pool_names: Option<&[String]>,
+    node: &str,
 ) -> Result<Vec<Pool>, IpamError> {
     let pools: Vec<Pool> = match pool_names {
         Some(names) => names
@@ -264,7 +377,31 @@ fn candidate_pools(
     if pools.is_empty() {
         return Err(IpamError::NoPools);
     }
-    Ok(pools)
+    let labels = state
+        .nodes()
+        .get(node)
+        .map(|n| n.labels.clone())
+        .unwrap_or_default();
+    let (selected, others): (Vec<Pool>, Vec<Pool>) =
+        pools.into_iter().partition(|p| p.selects(&labels));
+    if selected.is_empty() {
+        return Err(IpamError::NoPoolForNode {
+            node: node.to_string(),
+            pools: others
+                .iter()
+                .map(|p| {
+                    let sel: Vec<String> = p
+                        .node_selector
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    format!("{} (nodeSelector {})", p.name, sel.join(","))
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    Ok(selected)
 }
 
 fn assign_one(
@@ -295,12 +432,17 @@ fn assign_one(
             Some((key, ordinal))
         })
     });
-    // 3. Borrow one address from any block with room.
+    // 3. Borrow one address from any block with room, unless its pool is strict.
+    let borrowable = |b: &Block| {
+        enabled
+            .iter()
+            .any(|p| p.name == b.pool && !p.strict_affinity)
+    };
     let target = target.or_else(|| {
         state
             .blocks()
             .values()
-            .filter(|b| in_enabled(b))
+            .filter(|b| borrowable(b))
             .find_map(|b| b.first_free().map(|o| (b.key(), o)))
     });
     let Some((key, ordinal)) = target else {
@@ -364,6 +506,7 @@ mod tests {
             node: node.into(),
             netns: String::new(),
             addresses: vec![],
+            pod: None,
         }
     }
 
@@ -468,5 +611,86 @@ mod tests {
         assert!(got[0].address.to_string().starts_with("10.1.0."));
         let err = assign(&mut state, handle("x", "n1"), Some(&["zz".to_string()])).unwrap_err();
         assert!(err.to_string().contains("zz"));
+    }
+
+    #[test]
+    fn node_selectors_choose_pools_and_say_why_none_fits() {
+        use crate::ipam::model::NodeInfo;
+        let mut state = state_with(&[("zone-a", "10.0.0.0/24", 26), ("zone-b", "10.1.0.0/24", 26)]);
+        state.pool_mut("zone-a").unwrap().node_selector = [("zone".into(), "a".into())].into();
+        state.pool_mut("zone-b").unwrap().node_selector = [("zone".into(), "b".into())].into();
+        state.put_node(NodeInfo {
+            name: "n1".into(),
+            ip: None,
+            labels: [("zone".into(), "b".into())].into(),
+        });
+        let got = assign(&mut state, handle("h", "n1"), None).unwrap();
+        assert!(got[0].address.to_string().starts_with("10.1.0."));
+        let err = assign(&mut state, handle("x", "unlabelled"), None).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("unlabelled") && msg.contains("zone=a"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn strict_affinity_forbids_borrowing() {
+        let mut state = state_with(&[("p", "10.0.0.0/29", 29)]);
+        state.pool_mut("p").unwrap().strict_affinity = true;
+        assign(&mut state, handle("a", "n1"), None).unwrap();
+        let err = assign(&mut state, handle("b", "n2"), None).unwrap_err();
+        assert!(matches!(err, IpamError::Exhausted { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_emptied_block_goes_back_when_the_node_has_room_elsewhere() {
+        let mut state = state_with(&[("p", "10.0.0.0/24", 29)]);
+        for i in 0..6 {
+            assign(&mut state, handle(&format!("h{i}"), "n1"), None).unwrap();
+        }
+        assert_eq!(
+            state.blocks().len(),
+            2,
+            "5 fit the first /29, the 6th claimed a second"
+        );
+        release(&mut state, "h5");
+        assert_eq!(state.blocks().len(), 2, "the only block with room is kept");
+        release(&mut state, "h0");
+        assign(&mut state, handle("h6", "n1"), None).unwrap();
+        assert_eq!(state.blocks().len(), 2);
+        for i in 1..5 {
+            release(&mut state, &format!("h{i}"));
+        }
+        release(&mut state, "h6");
+        assert_eq!(
+            state.blocks().len(),
+            1,
+            "one empty block is kept for the node, the other returned"
+        );
+    }
+
+    #[test]
+    fn removing_a_node_releases_its_addresses_and_blocks_but_not_borrowers() {
+        let mut state = state_with(&[("p", "10.0.0.0/28", 29)]);
+        for i in 0..5 {
+            assign(&mut state, handle(&format!("a{i}"), "gone"), None).unwrap();
+        }
+        assign(&mut state, handle("b0", "stays"), None).unwrap();
+        // "stays" took the second block; fill it, then borrow from the departed node's block.
+        for i in 1..5 {
+            assign(&mut state, handle(&format!("b{i}"), "stays"), None).unwrap();
+        }
+        release(&mut state, "a0");
+        let borrowed = assign(&mut state, handle("borrow", "stays"), None).unwrap();
+        assert!(borrowed[0].address.to_string().starts_with("10.0.0."));
+        let removal = remove_node(&mut state, "gone");
+        assert_eq!(removal.handles, 4);
+        assert_eq!(
+            removal.orphaned, 1,
+            "the block with the borrowed address stays, unowned"
+        );
+        assert!(state.handles().values().all(|h| h.node == "stays"));
+        assert_eq!(state.handles().len(), 6);
     }
 }

@@ -19,6 +19,9 @@ pub struct Finding {
     pub addresses: Vec<IpNetwork>,
     /// Why it is reported.
     pub reason: String,
+    /// The Kubernetes pod it was allocated for, when the runtime said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 /// Every allocation whose attachment is dead by `is_live`, plus block allocations with no
@@ -36,6 +39,7 @@ pub fn find_leaks(
         .map(|h| Finding {
             handle: h.id.clone(),
             addresses: h.addresses.clone(),
+            pod: h.pod.clone(),
             reason: if h.netns.is_empty() {
                 "no network namespace was recorded for the attachment".into()
             } else {
@@ -57,6 +61,7 @@ pub fn find_leaks(
         handle,
         addresses,
         reason: "allocated in a block but no handle records it".into(),
+        pod: None,
     }));
     findings
 }
@@ -105,6 +110,7 @@ mod tests {
                 node: "n1".into(),
                 netns: netns.into(),
                 addresses: vec![],
+                pod: None,
             };
             allocator::assign(&mut state, handle, None).unwrap();
         }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use ipnetwork::IpNetwork;
 use serde::Deserialize;
 
+use super::allocator::Overrides;
 use super::etcd_store::EtcdStore;
 use super::file_store::FileStore;
 use super::model::Pool;
@@ -119,6 +120,12 @@ pub struct PoolConf {
     /// Create (or set) the pool disabled.
     #[serde(default)]
     pub disabled: Option<bool>,
+    /// Node labels a node needs to allocate from the pool.
+    #[serde(rename = "nodeSelector", default)]
+    pub node_selector: Option<std::collections::BTreeMap<String, String>>,
+    /// No borrowing from this pool's blocks.
+    #[serde(rename = "strictAffinity", default)]
+    pub strict_affinity: Option<bool>,
 }
 
 impl PoolConf {
@@ -126,7 +133,18 @@ impl PoolConf {
     pub fn to_pool(&self) -> Result<Pool, IpamError> {
         let mut pool = Pool::new(&self.name, self.cidr, self.block_size)?;
         pool.disabled = self.disabled.unwrap_or(false);
+        pool.node_selector = self.node_selector.clone().unwrap_or_default();
+        pool.strict_affinity = self.strict_affinity.unwrap_or(false);
         Ok(pool)
+    }
+
+    /// The attributes this entry sets on an existing pool: the ones it names.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            disabled: self.disabled.is_some(),
+            node_selector: self.node_selector.is_some(),
+            strict_affinity: self.strict_affinity.is_some(),
+        }
     }
 }
 
@@ -153,7 +171,14 @@ impl IpamNetConf {
             reject_unknown(
                 pool,
                 &format!("ipam.pools[{i}]"),
-                &["name", "cidr", "blockSize", "disabled"],
+                &[
+                    "name",
+                    "cidr",
+                    "blockSize",
+                    "disabled",
+                    "nodeSelector",
+                    "strictAffinity",
+                ],
             )?;
         }
         serde_json::from_value(raw).map_err(invalid)

@@ -6,7 +6,8 @@
 //! the revision read, a key that did not must still not exist. So two writers that touch the
 //! same block (or claim the same free block, or the same handle) can never both commit; the
 //! loser re-reads and runs again, up to [`MAX_ATTEMPTS`] times. Keys:
-//! `PREFIX/ipam/pools/NAME`, `PREFIX/ipam/blocks/CIDR` (`/` as `_`), `PREFIX/ipam/handles/ID`.
+//! `PREFIX/ipam/pools/NAME`, `PREFIX/ipam/blocks/CIDR` (`/` as `_`), `PREFIX/ipam/handles/ID`,
+//! `PREFIX/ipam/nodes/NAME`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 
-use super::model::{Block, Change, Handle, IpamState, Pool};
+use super::model::{Block, Change, Handle, IpamState, NodeInfo, Pool};
 use super::store::Datastore;
 use super::IpamError;
 
@@ -73,6 +74,7 @@ impl EtcdStore {
             Change::Pool(name, _) => format!("{}pools/{name}", self.prefix),
             Change::Block(cidr, _) => format!("{}blocks/{}", self.prefix, cidr.replace('/', "_")),
             Change::Handle(id, _) => format!("{}handles/{id}", self.prefix),
+            Change::Node(name, _) => format!("{}nodes/{name}", self.prefix),
         }
     }
 
@@ -103,6 +105,9 @@ impl EtcdStore {
             } else if rest.starts_with("handles/") {
                 let handle: Handle = serde_json::from_slice(kv.value()).map_err(corrupt)?;
                 Change::Handle(handle.id.clone(), Some(Arc::new(handle)))
+            } else if rest.starts_with("nodes/") {
+                let node: NodeInfo = serde_json::from_slice(kv.value()).map_err(corrupt)?;
+                Change::Node(node.name.clone(), Some(node))
             } else {
                 continue;
             };
@@ -131,6 +136,7 @@ impl EtcdStore {
                 Change::Pool(_, Some(pool)) => Some(serde_json::to_vec(pool)),
                 Change::Block(_, Some(block)) => Some(serde_json::to_vec(block.as_ref())),
                 Change::Handle(_, Some(handle)) => Some(serde_json::to_vec(handle.as_ref())),
+                Change::Node(_, Some(node)) => Some(serde_json::to_vec(node)),
                 _ => None,
             };
             ops.push(match value {

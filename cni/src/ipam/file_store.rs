@@ -30,7 +30,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::model::{Block, Change, Handle, IpamState, Pool};
+use super::model::{Block, Change, Handle, IpamState, NodeInfo, Pool};
 use super::store::Datastore;
 use super::IpamError;
 
@@ -79,6 +79,8 @@ enum Op {
     DelBlock { key: String },
     PutHandle { handle: Arc<Handle> },
     DelHandle { id: String },
+    PutNode { node: NodeInfo },
+    DelNode { name: String },
 }
 
 impl From<Change> for Op {
@@ -90,6 +92,8 @@ impl From<Change> for Op {
             Change::Block(key, None) => Op::DelBlock { key },
             Change::Handle(_, Some(handle)) => Op::PutHandle { handle },
             Change::Handle(id, None) => Op::DelHandle { id },
+            Change::Node(_, Some(node)) => Op::PutNode { node },
+            Change::Node(name, None) => Op::DelNode { name },
         }
     }
 }
@@ -103,6 +107,8 @@ impl From<Op> for Change {
             Op::DelBlock { key } => Change::Block(key, None),
             Op::PutHandle { handle } => Change::Handle(handle.id.clone(), Some(handle)),
             Op::DelHandle { id } => Change::Handle(id, None),
+            Op::PutNode { node } => Change::Node(node.name.clone(), Some(node)),
+            Op::DelNode { name } => Change::Node(name, None),
         }
     }
 }
@@ -481,6 +487,7 @@ mod tests {
             node: "n1".into(),
             netns: String::new(),
             addresses: vec![],
+            pod: None,
         }
     }
 

@@ -61,6 +61,14 @@ pub enum IpamError {
         /// Pool name.
         name: String,
     },
+    /// Pools exist but none selects this node.
+    #[error("no IP pool selects node {node}: {pools}; label the node (`nodekitctl node set`) or add a pool for it")]
+    NoPoolForNode {
+        /// The node.
+        node: String,
+        /// The pools and their selectors.
+        pools: String,
+    },
     /// There are no pools at all.
     #[error("no IP pool is defined: set ipam.pools in the network config or run `nodekitctl ipam pool add NAME CIDR`")]
     NoPools,
@@ -152,6 +160,7 @@ impl From<IpamError> for ErrorResult {
             | IpamError::InvalidConfig { .. }
             | IpamError::UnknownPool { .. }
             | IpamError::NoPools
+            | IpamError::NoPoolForNode { .. }
             | IpamError::PoolInUse { .. } => code::INVALID_NETWORK_CONFIG,
             IpamError::Exhausted { .. } => code::POOL_EXHAUSTED,
             IpamError::UnsupportedField { .. } => code::UNSUPPORTED_FIELD,

@@ -28,6 +28,16 @@ pub struct Pool {
     /// A disabled pool hands out no new addresses; existing ones stay.
     #[serde(default)]
     pub disabled: bool,
+    /// Node labels a node must have (all of them) to allocate from this pool; empty: any node.
+    #[serde(
+        rename = "nodeSelector",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub node_selector: BTreeMap<String, String>,
+    /// Never borrow single addresses from other nodes' blocks of this pool.
+    #[serde(rename = "strictAffinity", default)]
+    pub strict_affinity: bool,
 }
 
 impl Pool {
@@ -43,6 +53,8 @@ impl Pool {
             cidr,
             block_size,
             disabled: false,
+            node_selector: BTreeMap::new(),
+            strict_affinity: false,
         };
         pool.validate()?;
         Ok(pool)
@@ -135,9 +147,16 @@ impl Pool {
         self.block_count().saturating_mul(self.usable_per_block())
     }
 
-    /// Whether the pool is of the same family as `family_v4`.
+    /// Whether the pool is IPv4.
     pub fn is_v4(&self) -> bool {
         self.cidr.is_ipv4()
+    }
+
+    /// Whether a node with `labels` may allocate from this pool.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.node_selector
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
     }
 }
 
@@ -235,6 +254,22 @@ pub struct Handle {
     pub netns: String,
     /// Addresses held, with their block's prefix length.
     pub addresses: Vec<IpNetwork>,
+    /// `NAMESPACE/NAME` of the Kubernetes pod (CNI_ARGS), for `ipam check` reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+}
+
+/// A node known to the IPAM: its labels select pools; netd registers its address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node name (the `nodeName` plugins allocate for).
+    pub name: String,
+    /// The node's underlay address, routes to its blocks go via it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpAddr>,
+    /// Labels matched against pools' `nodeSelector`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Handle {
@@ -259,6 +294,9 @@ pub struct IpamState {
     /// Handles by ID.
     #[serde(default)]
     handles: BTreeMap<String, Arc<Handle>>,
+    /// Nodes by name.
+    #[serde(default)]
+    nodes: BTreeMap<String, NodeInfo>,
     /// Records changed since the last [`IpamState::take_changes`].
     #[serde(skip)]
     changed: BTreeSet<RecordKey>,
@@ -273,6 +311,8 @@ pub enum RecordKey {
     Block(String),
     /// A handle, by ID.
     Handle(String),
+    /// A node, by name.
+    Node(String),
 }
 
 /// One changed record with its new value (`None`: deleted).
@@ -284,11 +324,16 @@ pub enum Change {
     Block(String, Option<Arc<Block>>),
     /// A handle written or deleted.
     Handle(String, Option<Arc<Handle>>),
+    /// A node written or deleted.
+    Node(String, Option<NodeInfo>),
 }
 
 impl PartialEq for IpamState {
     fn eq(&self, other: &Self) -> bool {
-        self.pools == other.pools && self.blocks == other.blocks && self.handles == other.handles
+        self.pools == other.pools
+            && self.blocks == other.blocks
+            && self.handles == other.handles
+            && self.nodes == other.nodes
     }
 }
 
@@ -308,6 +353,23 @@ impl IpamState {
     /// Handles by ID.
     pub fn handles(&self) -> &BTreeMap<String, Arc<Handle>> {
         &self.handles
+    }
+
+    /// Nodes by name.
+    pub fn nodes(&self) -> &BTreeMap<String, NodeInfo> {
+        &self.nodes
+    }
+
+    /// Writes a node.
+    pub fn put_node(&mut self, node: NodeInfo) {
+        self.changed.insert(RecordKey::Node(node.name.clone()));
+        self.nodes.insert(node.name.clone(), node);
+    }
+
+    /// Deletes a node.
+    pub fn remove_node(&mut self, name: &str) -> Option<NodeInfo> {
+        self.changed.insert(RecordKey::Node(name.to_string()));
+        self.nodes.remove(name)
     }
 
     /// Writes a pool.
@@ -377,6 +439,10 @@ impl IpamState {
                     let v = self.handles.get(&k).cloned();
                     Change::Handle(k, v)
                 }
+                RecordKey::Node(k) => {
+                    let v = self.nodes.get(&k).cloned();
+                    Change::Node(k, v)
+                }
             })
             .collect()
     }
@@ -391,6 +457,8 @@ impl IpamState {
                 Change::Block(k, None) => drop(self.blocks.remove(&k)),
                 Change::Handle(k, Some(v)) => drop(self.handles.insert(k, v)),
                 Change::Handle(k, None) => drop(self.handles.remove(&k)),
+                Change::Node(k, Some(v)) => drop(self.nodes.insert(k, v)),
+                Change::Node(k, None) => drop(self.nodes.remove(&k)),
             }
         }
     }

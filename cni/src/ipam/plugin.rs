@@ -51,14 +51,8 @@ impl Request {
     }
 
     fn ensure_pools(&self, state: &mut super::model::IpamState) -> Result<(), IpamError> {
-        for pool in &self.pools {
-            let set_disabled = self
-                .conf
-                .ipam
-                .pools
-                .iter()
-                .any(|c| c.name == pool.name && c.disabled.is_some());
-            allocator::ensure_pool(state, pool.clone(), set_disabled)?;
+        for (pool, conf) in self.pools.iter().zip(&self.conf.ipam.pools) {
+            allocator::ensure_pool(state, pool.clone(), conf.overrides())?;
         }
         Ok(())
     }
@@ -83,6 +77,10 @@ impl Plugin for IpamPlugin {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             addresses: Vec::new(),
+            pod: args
+                .arg("K8S_POD_NAMESPACE")
+                .zip(args.arg("K8S_POD_NAME"))
+                .map(|(ns, name)| format!("{ns}/{name}")),
         };
         let names = req.pool_names(args);
         let assigned = transact_with(req.store.as_ref(), |state| {
