@@ -4,6 +4,7 @@
 pub mod ctl;
 pub mod delegate;
 pub mod ipam;
+pub mod netd;
 pub mod netlink;
 pub mod plugin;
 pub mod skel;

@@ -14,7 +14,7 @@ use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::NeighbourState;
-use netlink_packet_route::route::{RouteMessage, RouteScope};
+use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope, RouteType};
 use netlink_packet_route::RouteNetlinkMessage;
 use nodekit_nsutil::{NetNs, NsError};
 use rtnetlink::{
@@ -23,6 +23,40 @@ use rtnetlink::{
 
 /// How often a dump interrupted by concurrent changes is retried before giving up.
 const DUMP_RETRIES: usize = 10;
+
+/// Where a route sends packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteTarget {
+    /// Via this next hop (on a connected subnet).
+    Via(IpAddr),
+    /// Dropped: a block this node owns, for addresses no pod holds.
+    Blackhole,
+}
+
+/// Metric of blackhole routes, above a bridge's connected route for the same block.
+pub const BLACKHOLE_METRIC: u32 = 4096;
+
+/// A route's destination, target and protocol, read back from the kernel.
+pub fn route_summary(route: &RouteMessage) -> Option<(IpNetwork, RouteTarget, u8)> {
+    use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+    let dst_ip = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    })?;
+    let dst = IpNetwork::new(dst_ip, route.header.destination_prefix_length).ok()?;
+    let target = if route.header.kind == RouteType::BlackHole {
+        RouteTarget::Blackhole
+    } else {
+        let gw = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+            _ => None,
+        })?;
+        RouteTarget::Via(gw)
+    };
+    Some((dst, target, u8::from(route.header.protocol)))
+}
 
 /// A failed kernel operation, naming what it was doing and to which object.
 #[derive(Debug, thiserror::Error)]
@@ -399,6 +433,48 @@ impl Netlink {
             Ok(()) => Ok(()),
             Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
             Err(e) => Err(request("add route", target.clone())(e)),
+        }
+    }
+
+    /// Makes the main table route to `dst` what `target` says (replacing whatever route to
+    /// `dst` had that metric), tagged with `protocol` so its owner can find its routes again.
+    pub async fn replace_route(
+        &self,
+        dst: IpNetwork,
+        target: RouteTarget,
+        protocol: u8,
+    ) -> Result<(), NetlinkError> {
+        let label = format!("{dst} {target:?}");
+        let invalid = |e: String| NetlinkError::Request {
+            op: "build route",
+            target: label.clone(),
+            source: rtnetlink::Error::InvalidNla(e),
+        };
+        let mut builder = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.ip(), dst.prefix())
+            .map_err(|e| invalid(e.to_string()))?
+            .protocol(RouteProtocol::from(protocol));
+        builder = match target {
+            RouteTarget::Via(gw) => builder.gateway(gw).map_err(|e| invalid(e.to_string()))?,
+            RouteTarget::Blackhole => builder
+                .kind(RouteType::BlackHole)
+                .priority(BLACKHOLE_METRIC),
+        };
+        self.handle
+            .route()
+            .add(builder.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(request("replace route", label.clone()))
+    }
+
+    /// Deletes exactly `route` (as dumped); already gone is fine.
+    pub async fn delete_route(&self, route: RouteMessage) -> Result<(), NetlinkError> {
+        match self.handle.route().del(route).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::ESRCH) => Ok(()),
+            Err(e) => Err(request("delete route", "")(e)),
         }
     }
 

@@ -295,53 +295,69 @@ fn links_in(ns: &NetNs) -> BTreeSet<String> {
     .unwrap()
 }
 
-/// A real etcd (Debian's etcd-server) serving 127.0.0.1:2379 inside `ns`, with its own data
+/// A real etcd (Debian's etcd-server) serving `IP:2379` inside a namespace, with its own data
 /// dir; killed and removed on drop.
 pub struct Etcd {
     child: std::process::Child,
+    url: String,
     _data: tempfile::TempDir,
 }
 
 impl Etcd {
-    /// The client URL, as seen from inside the namespace.
+    /// The client URL of an etcd on loopback, as seen from inside its namespace.
     pub const URL: &'static str = "http://127.0.0.1:2379";
 
+    /// etcd on 127.0.0.1 of `ns`.
     pub fn start(ns: &NetNs) -> Self {
+        Self::start_on(ns, "127.0.0.1")
+    }
+
+    /// etcd listening on `ip` (an address of `ns`).
+    pub fn start_on(ns: &NetNs, ip: &str) -> Self {
         assert!(
             Path::new("/usr/bin/etcd").exists(),
             "etcd is missing: apt-get install etcd-server"
         );
         let data = tempfile::tempdir().unwrap();
+        let url = format!("http://{ip}:2379");
+        let peer = format!("http://{ip}:2380");
         let mut cmd = Command::new("/usr/bin/etcd");
-        cmd.args([
-            "--name",
-            "nk",
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "--listen-client-urls",
-            Self::URL,
-            "--advertise-client-urls",
-            Self::URL,
-            "--listen-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            "nk=http://127.0.0.1:2380",
-            "--log-level",
-            "error",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        cmd.args(["--name", "nk", "--data-dir"])
+            .arg(data.path())
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("nk={peer}"),
+                "--log-level",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         ns.apply_to_command(&mut cmd);
         let child = cmd.spawn().expect("start etcd");
-        let etcd = Self { child, _data: data };
+        let etcd = Self {
+            child,
+            url,
+            _data: data,
+        };
+        let addr: std::net::SocketAddr = format!("{ip}:2379").parse().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::time::Instant::now() < deadline {
             let up = ns
                 .run(|| {
                     std::net::TcpStream::connect_timeout(
-                        &"127.0.0.1:2379".parse().unwrap(),
+                        &addr,
                         std::time::Duration::from_millis(200),
                     )
                     .is_ok()
@@ -352,7 +368,12 @@ impl Etcd {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        panic!("etcd did not start listening within 20 s");
+        panic!("etcd did not start listening on {addr} within 20 s");
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 }
 

@@ -1,0 +1,244 @@
+//! Several nodes, each a namespace wired to an underlay bridge that lives in its own
+//! namespace (with etcd on it), one `nodekit-netd` per node: pods reach pods on other nodes,
+//! and a removed node's routes disappear everywhere.
+
+#![allow(clippy::unwrap_used)] // test harness: a failed setup step should panic
+
+mod common;
+
+use std::net::IpAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Etcd, Node, Pod};
+use ipnetwork::IpNetwork;
+use nodekit_cni::netlink::Netlink;
+use nodekit_nsutil::{unique_name, NamedNetNs};
+use serde_json::{json, Value};
+
+const UNDERLAY_GW: &str = "10.99.0.254";
+
+/// The underlay namespace with bridge `ul0` and etcd, plus N nodes with netd running.
+struct Cluster {
+    nodes: Vec<Node>,
+    netds: Vec<Child>,
+    etcd: Etcd,
+    underlay: NamedNetNs,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+impl Cluster {
+    fn new(n: usize) -> Self {
+        let underlay = NamedNetNs::create(&unique_name("ul")).unwrap();
+        let rt = runtime();
+        let gw: IpNetwork = format!("{UNDERLAY_GW}/24").parse().unwrap();
+        underlay
+            .run(|| {
+                rt.block_on(async {
+                    let nl = Netlink::connect()?;
+                    let br = nl.ensure_bridge("ul0", 1500, [2, 0, 0, 0, 0, 1]).await?;
+                    nl.ensure_address(br.header.index, "ul0", gw).await
+                })
+            })
+            .unwrap()
+            .unwrap();
+        let etcd = Etcd::start_on(&underlay, UNDERLAY_GW);
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let node = Node::new();
+            let port = format!("ul{i}");
+            let addr: IpNetwork = format!("10.99.0.{i}/24").parse().unwrap();
+            underlay
+                .run(|| {
+                    rt.block_on(async {
+                        let nl = Netlink::connect()?;
+                        nl.create_veth(&port, "eth0", &node.ns, 1500, None).await?;
+                        let link = nl.link(&port).await?.unwrap();
+                        let br = nl.link("ul0").await?.unwrap();
+                        nl.attach_to_bridge(link.header.index, &port, br.header.index, false)
+                            .await
+                    })
+                })
+                .unwrap()
+                .unwrap();
+            node.ns
+                .run(|| {
+                    rt.block_on(async {
+                        let nl = Netlink::connect()?;
+                        let eth0 = nl.link("eth0").await?.unwrap();
+                        nl.ensure_address(eth0.header.index, "eth0", addr).await?;
+                        nl.set_up(eth0.header.index, "eth0").await
+                    })
+                })
+                .unwrap()
+                .unwrap();
+            nodes.push(node);
+        }
+        let mut cluster = Self {
+            nodes,
+            netds: Vec::new(),
+            etcd,
+            underlay,
+        };
+        for i in 0..n {
+            let netd = cluster.start_netd(i);
+            cluster.netds.push(netd);
+        }
+        cluster
+    }
+
+    fn start_netd(&self, i: usize) -> Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodekit-netd"));
+        cmd.args(["--node-name", &format!("n{}", i + 1)])
+            .args(["--node-ip", &format!("10.99.0.{}", i + 1)])
+            .args(["--etcd-endpoints", self.etcd.url(), "--prefix", "/lab"])
+            .args(["--interval-ms", "200"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.nodes[i].ns.apply_to_command(&mut cmd);
+        cmd.spawn().expect("start nodekit-netd")
+    }
+
+    fn conf(&self, i: usize, mode: &str) -> Value {
+        let mut conf = self.nodes[i].conf(
+            "1.1.0",
+            mode,
+            json!([{"name": "default", "cidr": "10.244.0.0/16", "blockSize": 26}]),
+        );
+        conf["nodeName"] = json!(format!("n{}", i + 1));
+        conf["ipam"]["datastore"] =
+            json!({"type": "etcd", "endpoints": [self.etcd.url()], "prefix": "/lab"});
+        conf
+    }
+
+    /// IPv4 routes of node `i` with protocol 78, as (destination, gateway) text.
+    fn netd_routes(&self, i: usize) -> Vec<String> {
+        let rt = runtime();
+        let routes = self.nodes[i]
+            .ns
+            .run(|| rt.block_on(async { Netlink::connect()?.routes().await }))
+            .unwrap()
+            .unwrap();
+        routes
+            .iter()
+            .filter_map(nodekit_cni::netlink::route_summary)
+            .filter(|(_, _, proto)| *proto == nodekit_cni::netd::RTPROT_NODEKIT)
+            .map(|(dst, target, _)| format!("{dst} {target:?}"))
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for netd in &mut self.netds {
+            let _ = netd.kill();
+            let _ = netd.wait();
+        }
+    }
+}
+
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what} did not happen within 10 s");
+}
+
+fn cross_node_pods_reach_each_other(mode: &str) {
+    let cluster = Cluster::new(3);
+    let pods: Vec<Pod> = (0..3).map(|_| Pod::new()).collect();
+    let ips: Vec<String> = (0..3)
+        .map(|i| {
+            cluster.nodes[i]
+                .add(&cluster.conf(i, mode), &format!("pod{i}"), &pods[i])
+                .expect_ok()
+                .ip()
+        })
+        .collect();
+    let distinct: std::collections::BTreeSet<IpAddr> =
+        ips.iter().map(|ip| ip.parse().unwrap()).collect();
+    assert_eq!(distinct.len(), 3);
+    for target in [1, 2] {
+        let ip = ips[target].clone();
+        eventually(
+            &format!("pod on n1 reaching {ip} on n{}", target + 1),
+            || pods[0].ping(&ip),
+        );
+    }
+    assert!(pods[2].tcp_to(&pods[1], &ips[1]), "tcp n3 -> n2");
+    let on_n1 = cluster.netd_routes(0);
+    assert!(on_n1.iter().any(|r| r.contains("Blackhole")), "{on_n1:?}");
+    assert!(on_n1.iter().any(|r| r.contains("10.99.0.3")), "{on_n1:?}");
+}
+
+#[test]
+fn routed_pods_on_three_nodes_reach_each_other() {
+    cross_node_pods_reach_each_other("routed");
+}
+
+#[test]
+fn bridged_pods_on_three_nodes_reach_each_other() {
+    cross_node_pods_reach_each_other("bridge");
+}
+
+#[test]
+fn netd_restores_a_deleted_route_and_drops_a_removed_nodes_routes() {
+    let cluster = Cluster::new(2);
+    let pods: Vec<Pod> = (0..2).map(|_| Pod::new()).collect();
+    for (i, pod) in pods.iter().enumerate() {
+        cluster.nodes[i]
+            .add(&cluster.conf(i, "routed"), &format!("pod{i}"), pod)
+            .expect_ok();
+    }
+    let via_n2 = |c: &Cluster| c.netd_routes(0).iter().any(|r| r.contains("10.99.0.2"));
+    eventually("n1 routing n2's block", || via_n2(&cluster));
+    // Delete it by hand: the next pass puts it back.
+    let rt = runtime();
+    cluster.nodes[0]
+        .ns
+        .run(|| {
+            rt.block_on(async {
+                let nl = Netlink::connect()?;
+                for route in nl.routes().await? {
+                    if nodekit_cni::netlink::route_summary(&route)
+                        .is_some_and(|(_, _, p)| p == nodekit_cni::netd::RTPROT_NODEKIT)
+                    {
+                        nl.delete_route(route).await?;
+                    }
+                }
+                Ok::<_, nodekit_cni::netlink::NetlinkError>(())
+            })
+        })
+        .unwrap()
+        .unwrap();
+    eventually("the deleted route coming back", || via_n2(&cluster));
+    // Remove n2 from the datastore: n1 drops its routes to it.
+    let mut ctl = Command::new(env!("CARGO_BIN_EXE_nodekitctl"));
+    ctl.args([
+        "--datastore",
+        "etcd",
+        "--etcd-endpoints",
+        cluster.etcd.url(),
+        "--prefix",
+        "/lab",
+    ])
+    .args(["node", "remove", "n2"]);
+    cluster.underlay.apply_to_command(&mut ctl);
+    let out = ctl.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually("n1 dropping routes to n2", || !via_n2(&cluster));
+}
