@@ -242,3 +242,100 @@ fn netd_restores_a_deleted_route_and_drops_a_removed_nodes_routes() {
     );
     eventually("n1 dropping routes to n2", || !via_n2(&cluster));
 }
+
+/// A namespace standing for "outside the cluster", on the underlay at 10.99.0.200.
+fn outside(cluster: &Cluster) -> NamedNetNs {
+    let ns = NamedNetNs::create(&unique_name("out")).unwrap();
+    let rt = runtime();
+    let addr: IpNetwork = "10.99.0.200/24".parse().unwrap();
+    cluster
+        .underlay
+        .run(|| {
+            rt.block_on(async {
+                let nl = Netlink::connect()?;
+                nl.create_veth("ulout", "eth0", &ns, 1500, None).await?;
+                let link = nl.link("ulout").await?.unwrap();
+                let br = nl.link("ul0").await?.unwrap();
+                nl.attach_to_bridge(link.header.index, "ulout", br.header.index, false)
+                    .await
+            })
+        })
+        .unwrap()
+        .unwrap();
+    ns.run(|| {
+        rt.block_on(async {
+            let nl = Netlink::connect()?;
+            let eth0 = nl.link("eth0").await?.unwrap();
+            nl.ensure_address(eth0.header.index, "eth0", addr).await?;
+            nl.set_up(eth0.header.index, "eth0").await
+        })
+    })
+    .unwrap()
+    .unwrap();
+    ns
+}
+
+/// The source address `server` sees when `client` connects to it at `ip`.
+fn seen_source(client: &NamedNetNs, server: &NamedNetNs, ip: &str) -> Option<IpAddr> {
+    let addr: IpAddr = ip.parse().unwrap();
+    let listener = server
+        .run(move || std::net::TcpListener::bind((addr, 0)))
+        .unwrap()
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connected = client
+        .run(move || {
+            std::net::TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(2))
+        })
+        .unwrap();
+    connected.ok()?;
+    let (_, peer) = listener.accept().ok()?;
+    Some(peer.ip())
+}
+
+#[test]
+fn nat_outgoing_masquerades_traffic_leaving_the_pools_only() {
+    let cluster = Cluster::new(2);
+    let world = outside(&cluster);
+    let mut conf = cluster.conf(0, "routed");
+    conf["ipam"]["pools"][0]["natOutgoing"] = json!(true);
+    let pod = Pod::new();
+    let ip = cluster.nodes[0].add(&conf, "nat", &pod).expect_ok().ip();
+    let peer = Pod::new();
+    let peer_ip = cluster.nodes[1]
+        .add(&cluster.conf(1, "routed"), "peer", &peer)
+        .expect_ok()
+        .ip();
+    eventually("the pod's traffic to the outside being masqueraded", || {
+        seen_source(&pod.ns, &world, "10.99.0.200") == Some("10.99.0.1".parse().unwrap())
+    });
+    let own: IpAddr = ip.parse().unwrap();
+    eventually("traffic between pools keeping the pod's address", || {
+        seen_source(&pod.ns, &peer.ns, &peer_ip) == Some(own)
+    });
+    // Turning it off removes the masquerade: the outside then sees the pod address (and, with
+    // no route back, the connection fails).
+    let mut ctl = Command::new(env!("CARGO_BIN_EXE_nodekitctl"));
+    ctl.args([
+        "--datastore",
+        "etcd",
+        "--etcd-endpoints",
+        cluster.etcd.url(),
+        "--prefix",
+        "/lab",
+    ])
+    .args([
+        "ipam",
+        "pool",
+        "add",
+        "default",
+        "10.244.0.0/16",
+        "--block-size",
+        "26",
+    ]);
+    cluster.underlay.apply_to_command(&mut ctl);
+    assert!(ctl.output().unwrap().status.success());
+    eventually("masquerade removed", || {
+        seen_source(&pod.ns, &world, "10.99.0.200") != Some("10.99.0.1".parse().unwrap())
+    });
+}

@@ -136,6 +136,9 @@ enum PoolCmd {
         /// Never lend single addresses of this pool's blocks to other nodes.
         #[arg(long)]
         strict_affinity: bool,
+        /// Masquerade pod traffic leaving the pools (nodekit-netd programs it).
+        #[arg(long)]
+        nat_outgoing: bool,
     },
     /// List pools.
     List,
@@ -180,6 +183,7 @@ fn main() -> ExitCode {
                 disabled,
                 node_selector,
                 strict_affinity,
+                nat_outgoing,
             })) => Pool::new(&name, cidr, block_size).and_then(|pool| {
                 ctl::pool_add(
                     store,
@@ -187,6 +191,7 @@ fn main() -> ExitCode {
                         disabled,
                         node_selector: node_selector.into_iter().collect(),
                         strict_affinity,
+                        nat_outgoing,
                         ..pool
                     },
                 )

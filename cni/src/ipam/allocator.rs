@@ -256,6 +256,8 @@ pub struct Overrides {
     pub node_selector: bool,
     /// Set `strictAffinity`.
     pub strict_affinity: bool,
+    /// Set `natOutgoing`.
+    pub nat_outgoing: bool,
 }
 
 impl Overrides {
@@ -264,6 +266,7 @@ impl Overrides {
         disabled: true,
         node_selector: true,
         strict_affinity: true,
+        nat_outgoing: true,
     };
 }
 
@@ -313,6 +316,11 @@ pub fn ensure_pool(
                 pool.strict_affinity
             } else {
                 existing.strict_affinity
+            },
+            nat_outgoing: if overrides.nat_outgoing {
+                pool.nat_outgoing
+            } else {
+                existing.nat_outgoing
             },
             ..pool
         },

@@ -126,6 +126,9 @@ pub struct PoolConf {
     /// No borrowing from this pool's blocks.
     #[serde(rename = "strictAffinity", default)]
     pub strict_affinity: Option<bool>,
+    /// Masquerade traffic leaving the pools (programmed by nodekit-netd).
+    #[serde(rename = "natOutgoing", default)]
+    pub nat_outgoing: Option<bool>,
 }
 
 impl PoolConf {
@@ -135,6 +138,7 @@ impl PoolConf {
         pool.disabled = self.disabled.unwrap_or(false);
         pool.node_selector = self.node_selector.clone().unwrap_or_default();
         pool.strict_affinity = self.strict_affinity.unwrap_or(false);
+        pool.nat_outgoing = self.nat_outgoing.unwrap_or(false);
         Ok(pool)
     }
 
@@ -144,6 +148,7 @@ impl PoolConf {
             disabled: self.disabled.is_some(),
             node_selector: self.node_selector.is_some(),
             strict_affinity: self.strict_affinity.is_some(),
+            nat_outgoing: self.nat_outgoing.is_some(),
         }
     }
 }
@@ -178,6 +183,7 @@ impl IpamNetConf {
                     "disabled",
                     "nodeSelector",
                     "strictAffinity",
+                    "natOutgoing",
                 ],
             )?;
         }

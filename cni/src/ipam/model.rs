@@ -38,6 +38,9 @@ pub struct Pool {
     /// Never borrow single addresses from other nodes' blocks of this pool.
     #[serde(rename = "strictAffinity", default)]
     pub strict_affinity: bool,
+    /// Masquerade pod traffic from this pool to destinations outside every pool.
+    #[serde(rename = "natOutgoing", default)]
+    pub nat_outgoing: bool,
 }
 
 impl Pool {
@@ -55,6 +58,7 @@ impl Pool {
             disabled: false,
             node_selector: BTreeMap::new(),
             strict_affinity: false,
+            nat_outgoing: false,
         };
         pool.validate()?;
         Ok(pool)

@@ -8,6 +8,8 @@
 //! each own block (a pod's /32 from the plugin is more specific); a /32 (/128) via the holder
 //! for every address borrowed from a block of another node.
 
+pub mod nat;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -30,6 +32,9 @@ pub enum NetdError {
     /// Programming routes failed.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    /// Programming the NAT table failed.
+    #[error("natOutgoing: {0}")]
+    Nat(String),
 }
 
 /// Which routes one reconcile pass changed.
@@ -125,8 +130,8 @@ pub async fn reconcile(
     Ok(done)
 }
 
-/// Registers the node, then reconciles every `interval` until `keep_going` says stop (after
-/// one pass when `once`). Errors of a pass are logged and retried on the next one.
+/// Registers the node, then reconciles routes and NAT every `interval`, forever (one pass
+/// when `once`). Errors of a pass are logged and retried on the next one.
 pub fn run(
     store: &dyn Datastore,
     node: &NodeInfo,
@@ -139,8 +144,16 @@ pub fn run(
         .build()
         .map_err(NetlinkError::Socket)?;
     let nl = runtime.block_on(async { Netlink::connect() })?;
-    loop {
+    let mut nat_applied: Option<nat::NatPlan> = None;
+    for pass_number in 0u64.. {
+        // The NAT tables are rewritten when the plan changes, and every 20 passes anyway in
+        // case someone flushed them.
         let pass = store.read().map_err(NetdError::from).and_then(|state| {
+            let plan = nat::nat_plan(&state);
+            if nat_applied.as_ref() != Some(&plan) || pass_number % 20 == 0 {
+                nat::apply(&plan).map_err(NetdError::Nat)?;
+                nat_applied = Some(plan);
+            }
             let desired = desired_routes(&state, &node.name);
             runtime
                 .block_on(reconcile(&nl, &desired))
@@ -159,6 +172,7 @@ pub fn run(
         }
         std::thread::sleep(interval);
     }
+    Ok(())
 }
 
 /// The underlay address family check used by callers validating `--node-ip`.
