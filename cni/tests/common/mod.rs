@@ -296,11 +296,12 @@ fn links_in(ns: &NetNs) -> BTreeSet<String> {
 }
 
 /// A real etcd (Debian's etcd-server) serving `IP:2379` inside a namespace, with its own data
-/// dir; killed and removed on drop.
+/// dir; killed and removed on drop. It can be stopped and restarted on the same data.
 pub struct Etcd {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
+    ip: String,
     url: String,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 impl Etcd {
@@ -318,17 +319,27 @@ impl Etcd {
             Path::new("/usr/bin/etcd").exists(),
             "etcd is missing: apt-get install etcd-server"
         );
-        let data = tempfile::tempdir().unwrap();
-        let url = format!("http://{ip}:2379");
-        let peer = format!("http://{ip}:2380");
+        let mut etcd = Self {
+            child: None,
+            ip: ip.to_string(),
+            url: format!("http://{ip}:2379"),
+            data: tempfile::tempdir().unwrap(),
+        };
+        etcd.restart(ns);
+        etcd
+    }
+
+    /// Starts etcd again on its data (after [`Etcd::stop`]) and waits until it listens.
+    pub fn restart(&mut self, ns: &NetNs) {
+        let peer = format!("http://{}:2380", self.ip);
         let mut cmd = Command::new("/usr/bin/etcd");
         cmd.args(["--name", "nk", "--data-dir"])
-            .arg(data.path())
+            .arg(self.data.path())
             .args([
                 "--listen-client-urls",
-                &url,
+                &self.url,
                 "--advertise-client-urls",
-                &url,
+                &self.url,
             ])
             .args([
                 "--listen-peer-urls",
@@ -345,13 +356,8 @@ impl Etcd {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         ns.apply_to_command(&mut cmd);
-        let child = cmd.spawn().expect("start etcd");
-        let etcd = Self {
-            child,
-            url,
-            _data: data,
-        };
-        let addr: std::net::SocketAddr = format!("{ip}:2379").parse().unwrap();
+        self.child = Some(cmd.spawn().expect("start etcd"));
+        let addr: std::net::SocketAddr = format!("{}:2379", self.ip).parse().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::time::Instant::now() < deadline {
             let up = ns
@@ -364,11 +370,19 @@ impl Etcd {
                 })
                 .unwrap();
             if up {
-                return etcd;
+                return;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         panic!("etcd did not start listening on {addr} within 20 s");
+    }
+
+    /// Kills etcd (SIGKILL), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// The client URL.
@@ -379,7 +393,6 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
