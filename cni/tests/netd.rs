@@ -339,3 +339,34 @@ fn nat_outgoing_masquerades_traffic_leaving_the_pools_only() {
         seen_source(&pod.ns, &world, "10.99.0.200") != Some("10.99.0.1".parse().unwrap())
     });
 }
+
+#[test]
+fn an_address_borrowed_from_another_nodes_block_is_reachable() {
+    let cluster = Cluster::new(2);
+    let one_block = json!([{"name": "tiny", "cidr": "10.81.0.0/29", "blockSize": 29}]);
+    let conf = |i: usize| {
+        let mut conf = cluster.conf(i, "routed");
+        conf["ipam"]["pools"] = one_block.clone();
+        conf
+    };
+    let (a, b) = (Pod::new(), Pod::new());
+    let ip_a = cluster.nodes[0].add(&conf(0), "owner", &a).expect_ok().ip();
+    let ip_b = cluster.nodes[1]
+        .add(&conf(1), "borrower", &b)
+        .expect_ok()
+        .ip();
+    assert!(
+        ip_b.starts_with("10.81.0."),
+        "n2 borrowed from n1's only block: {ip_b}"
+    );
+    eventually("n1 routing the borrowed address to n2", || {
+        cluster
+            .netd_routes(0)
+            .iter()
+            .any(|r| r.starts_with(&format!("{ip_b}/32")))
+    });
+    eventually("the owner's pod reaching the borrower's pod", || {
+        a.ping(&ip_b)
+    });
+    assert!(b.tcp_to(&a, &ip_a));
+}
