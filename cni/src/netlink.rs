@@ -29,6 +29,13 @@ const DUMP_RETRIES: usize = 10;
 pub enum RouteTarget {
     /// Via this next hop (on a connected subnet).
     Via(IpAddr),
+    /// Via this next hop, onlink through this device (a VXLAN tunnel to that node).
+    Tunnel {
+        /// The next hop (the remote node's address, resolved by a neighbour entry).
+        gateway: IpAddr,
+        /// Interface index of the tunnel device.
+        device: u32,
+    },
     /// Dropped: a block this node owns, for addresses no pod holds.
     Blackhole,
 }
@@ -53,7 +60,21 @@ pub fn route_summary(route: &RouteMessage) -> Option<(IpNetwork, RouteTarget, u8
             RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
             _ => None,
         })?;
-        RouteTarget::Via(gw)
+        let onlink = route
+            .header
+            .flags
+            .contains(netlink_packet_route::route::RouteFlags::Onlink);
+        let device = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        match (onlink, device) {
+            (true, Some(device)) => RouteTarget::Tunnel {
+                gateway: gw,
+                device,
+            },
+            _ => RouteTarget::Via(gw),
+        }
     };
     Some((dst, target, u8::from(route.header.protocol)))
 }
@@ -456,6 +477,11 @@ impl Netlink {
             .protocol(RouteProtocol::from(protocol));
         builder = match target {
             RouteTarget::Via(gw) => builder.gateway(gw).map_err(|e| invalid(e.to_string()))?,
+            RouteTarget::Tunnel { gateway, device } => builder
+                .gateway(gateway)
+                .map_err(|e| invalid(e.to_string()))?
+                .output_interface(device)
+                .onlink(),
             RouteTarget::Blackhole => builder
                 .kind(RouteType::BlackHole)
                 .priority(BLACKHOLE_METRIC),
@@ -476,6 +502,77 @@ impl Netlink {
             Err(e) if is_errno(&e, libc::ESRCH) => Ok(()),
             Err(e) => Err(request("delete route", "")(e)),
         }
+    }
+
+    /// Makes sure a VXLAN device exists and is up (VNI, UDP port, local address, MAC, MTU,
+    /// no learning: netd programs FDB and neighbour entries itself). Returns its index.
+    pub async fn ensure_vxlan(
+        &self,
+        name: &str,
+        vni: u32,
+        port: u16,
+        local: std::net::Ipv4Addr,
+        mac: [u8; 6],
+        mtu: u32,
+    ) -> Result<u32, NetlinkError> {
+        if let Some(link) = self.link(name).await? {
+            let link = check_kind(link, name, InfoKind::Vxlan, "vxlan")?;
+            return Ok(link.header.index);
+        }
+        let msg = rtnetlink::LinkVxlan::new(name, vni)
+            .port(port)
+            .local(local)
+            .learning(false)
+            .mtu(mtu)
+            .address(mac.to_vec())
+            .up()
+            .build();
+        match self.handle.link().add(msg).execute().await {
+            Ok(()) => {}
+            Err(e) if is_errno(&e, libc::EEXIST) => {}
+            Err(e) => return Err(request("create vxlan", name)(e)),
+        }
+        let link = self
+            .link(name)
+            .await?
+            .ok_or_else(|| NetlinkError::NotFound {
+                what: "vxlan device",
+                name: name.to_string(),
+            })?;
+        Ok(link.header.index)
+    }
+
+    /// A permanent FDB entry on a VXLAN device: frames for `mac` go to `remote`.
+    pub async fn ensure_fdb(
+        &self,
+        device: u32,
+        mac: [u8; 6],
+        remote: IpAddr,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add_bridge(device, &mac)
+            .destination(remote)
+            .flags(netlink_packet_route::neighbour::NeighbourFlags::Own)
+            .replace()
+            .execute()
+            .await
+            .map_err(request("add fdb entry", remote))
+    }
+
+    /// The address (with prefix) configured on some interface that equals `ip`.
+    pub async fn subnet_of(&self, ip: IpAddr) -> Result<Option<IpNetwork>, NetlinkError> {
+        for link in self.links().await? {
+            if let Some(net) = self
+                .addresses(link.header.index)
+                .await?
+                .into_iter()
+                .find(|n| n.ip() == ip)
+            {
+                return Ok(Some(net));
+            }
+        }
+        Ok(None)
     }
 
     /// A permanent neighbour entry, so the pod never has to resolve its gateway.

@@ -370,3 +370,25 @@ fn an_address_borrowed_from_another_nodes_block_is_reachable() {
     });
     assert!(b.tcp_to(&a, &ip_a));
 }
+
+#[test]
+fn pods_reach_each_other_through_vxlan_when_the_pool_asks_for_it() {
+    let cluster = Cluster::new(2);
+    let conf = |i: usize| {
+        let mut conf = cluster.conf(i, "routed");
+        conf["ipam"]["pools"] =
+            json!([{"name": "overlay", "cidr": "10.82.0.0/16", "vxlanMode": "Always"}]);
+        conf["mtu"] = json!(1450);
+        conf
+    };
+    let (a, b) = (Pod::new(), Pod::new());
+    cluster.nodes[0].add(&conf(0), "a", &a).expect_ok();
+    let ip_b = cluster.nodes[1].add(&conf(1), "b", &b).expect_ok().ip();
+    eventually("n1 routing n2's block through the tunnel", || {
+        cluster.netd_routes(0).iter().any(|r| r.contains("Tunnel"))
+    });
+    eventually("a pod on n1 reaching a pod on n2 over VXLAN", || {
+        a.ping(&ip_b)
+    });
+    assert!(cluster.nodes[0].links().contains("nk.vxlan"));
+}

@@ -78,6 +78,7 @@ fn main() -> ExitCode {
         name: cli.node_name,
         ip: Some(cli.node_ip),
         labels: cli.label.into_iter().collect(),
+        vxlan_mac: None,
     };
     let interval = Duration::from_millis(cli.interval_ms);
     let result = conf

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ipnetwork::IpNetwork;
 use nodekit_cni::ctl::{self, Format};
 use nodekit_cni::ipam::config::{DatastoreConf, DEFAULT_ETCD_PREFIX, DEFAULT_FILE_DATASTORE};
-use nodekit_cni::ipam::model::Pool;
+use nodekit_cni::ipam::model::{Pool, VxlanMode};
 
 /// Administer nodekit's IPAM: pools, usage, leaked allocations.
 #[derive(Parser)]
@@ -39,6 +39,13 @@ enum Backend {
     File,
     /// etcd v3.
     Etcd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Vxlan {
+    Never,
+    Always,
+    CrossSubnet,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -139,6 +146,9 @@ enum PoolCmd {
         /// Masquerade pod traffic leaving the pools (nodekit-netd programs it).
         #[arg(long)]
         nat_outgoing: bool,
+        /// VXLAN towards other nodes: never, always, or cross-subnet.
+        #[arg(long, value_enum, default_value = "never")]
+        vxlan_mode: Vxlan,
     },
     /// List pools.
     List,
@@ -184,6 +194,7 @@ fn main() -> ExitCode {
                 node_selector,
                 strict_affinity,
                 nat_outgoing,
+                vxlan_mode,
             })) => Pool::new(&name, cidr, block_size).and_then(|pool| {
                 ctl::pool_add(
                     store,
@@ -192,6 +203,11 @@ fn main() -> ExitCode {
                         node_selector: node_selector.into_iter().collect(),
                         strict_affinity,
                         nat_outgoing,
+                        vxlan_mode: match vxlan_mode {
+                            Vxlan::Never => VxlanMode::Never,
+                            Vxlan::Always => VxlanMode::Always,
+                            Vxlan::CrossSubnet => VxlanMode::CrossSubnet,
+                        },
                         ..pool
                     },
                 )

@@ -258,6 +258,8 @@ pub struct Overrides {
     pub strict_affinity: bool,
     /// Set `natOutgoing`.
     pub nat_outgoing: bool,
+    /// Set `vxlanMode`.
+    pub vxlan_mode: bool,
 }
 
 impl Overrides {
@@ -267,6 +269,7 @@ impl Overrides {
         node_selector: true,
         strict_affinity: true,
         nat_outgoing: true,
+        vxlan_mode: true,
     };
 }
 
@@ -321,6 +324,11 @@ pub fn ensure_pool(
                 pool.nat_outgoing
             } else {
                 existing.nat_outgoing
+            },
+            vxlan_mode: if overrides.vxlan_mode {
+                pool.vxlan_mode
+            } else {
+                existing.vxlan_mode
             },
             ..pool
         },
@@ -631,6 +639,7 @@ mod tests {
             name: "n1".into(),
             ip: None,
             labels: [("zone".into(), "b".into())].into(),
+            vxlan_mac: None,
         });
         let got = assign(&mut state, handle("h", "n1"), None).unwrap();
         assert!(got[0].address.to_string().starts_with("10.1.0."));

@@ -129,6 +129,9 @@ pub struct PoolConf {
     /// Masquerade traffic leaving the pools (programmed by nodekit-netd).
     #[serde(rename = "natOutgoing", default)]
     pub nat_outgoing: Option<bool>,
+    /// `Never`, `Always` or `CrossSubnet`: VXLAN towards other nodes (nodekit-netd).
+    #[serde(rename = "vxlanMode", default)]
+    pub vxlan_mode: Option<crate::ipam::model::VxlanMode>,
 }
 
 impl PoolConf {
@@ -139,6 +142,7 @@ impl PoolConf {
         pool.node_selector = self.node_selector.clone().unwrap_or_default();
         pool.strict_affinity = self.strict_affinity.unwrap_or(false);
         pool.nat_outgoing = self.nat_outgoing.unwrap_or(false);
+        pool.vxlan_mode = self.vxlan_mode.unwrap_or_default();
         Ok(pool)
     }
 
@@ -149,6 +153,7 @@ impl PoolConf {
             node_selector: self.node_selector.is_some(),
             strict_affinity: self.strict_affinity.is_some(),
             nat_outgoing: self.nat_outgoing.is_some(),
+            vxlan_mode: self.vxlan_mode.is_some(),
         }
     }
 }
@@ -184,6 +189,7 @@ impl IpamNetConf {
                     "nodeSelector",
                     "strictAffinity",
                     "natOutgoing",
+                    "vxlanMode",
                 ],
             )?;
         }

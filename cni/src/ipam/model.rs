@@ -41,6 +41,21 @@ pub struct Pool {
     /// Masquerade pod traffic from this pool to destinations outside every pool.
     #[serde(rename = "natOutgoing", default)]
     pub nat_outgoing: bool,
+    /// When traffic to this pool's blocks on other nodes is VXLAN-encapsulated.
+    #[serde(rename = "vxlanMode", default)]
+    pub vxlan_mode: VxlanMode,
+}
+
+/// Calico's encapsulation choice per pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VxlanMode {
+    /// Direct routing: nodes share one L2.
+    #[default]
+    Never,
+    /// Always encapsulate.
+    Always,
+    /// Encapsulate only towards nodes in another subnet.
+    CrossSubnet,
 }
 
 impl Pool {
@@ -59,6 +74,7 @@ impl Pool {
             node_selector: BTreeMap::new(),
             strict_affinity: false,
             nat_outgoing: false,
+            vxlan_mode: VxlanMode::Never,
         };
         pool.validate()?;
         Ok(pool)
@@ -274,6 +290,9 @@ pub struct NodeInfo {
     /// Labels matched against pools' `nodeSelector`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// MAC of the node's VXLAN device, for other nodes' FDB and neighbour entries.
+    #[serde(rename = "vxlanMac", default, skip_serializing_if = "Option::is_none")]
+    pub vxlan_mac: Option<String>,
 }
 
 impl Handle {

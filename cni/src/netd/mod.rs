@@ -15,10 +15,10 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use crate::ipam::model::{IpamState, NodeInfo};
+use crate::ipam::model::{IpamState, NodeInfo, VxlanMode};
 use crate::ipam::store::{transact_with, Datastore};
 use crate::ipam::IpamError;
-use crate::netlink::{route_summary, Netlink, NetlinkError, RouteTarget};
+use crate::netlink::{format_mac, route_summary, Netlink, NetlinkError, RouteTarget};
 
 /// The routing protocol number marking netd's routes (`ip route show proto 78`).
 pub const RTPROT_NODEKIT: u8 = 78;
@@ -53,6 +53,7 @@ pub fn register(store: &dyn Datastore, node: &NodeInfo) -> Result<(), IpamError>
         record.name = node.name.clone();
         record.ip = node.ip.or(record.ip);
         record.labels.extend(node.labels.clone());
+        record.vxlan_mac = node.vxlan_mac.clone().or(record.vxlan_mac);
         if state.nodes().get(&node.name) != Some(&record) {
             state.put_node(record);
         }
@@ -60,14 +61,63 @@ pub fn register(store: &dyn Datastore, node: &NodeInfo) -> Result<(), IpamError>
     })
 }
 
+/// Name of the VXLAN device netd creates when a pool asks for encapsulation.
+pub const VXLAN_DEVICE: &str = "nk.vxlan";
+/// VXLAN network identifier (Calico's default).
+pub const VXLAN_VNI: u32 = 4096;
+/// VXLAN UDP port (IANA).
+pub const VXLAN_PORT: u16 = 4789;
+/// Bytes VXLAN adds to every packet: pods on encapsulated pools need an MTU this much smaller.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// The MAC of a node's VXLAN device, derived from its name (stable across restarts).
+pub fn vxlan_mac(node: &str) -> [u8; 6] {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("vxlan/{node}").as_bytes());
+    [0x02, d[0], d[1], d[2], d[3], d[4]]
+}
+
+/// How this node reaches the others: its underlay subnet (for `CrossSubnet`) and its VXLAN
+/// device, when one exists.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Underlay {
+    /// The subnet of this node's `--node-ip`.
+    pub subnet: Option<IpNetwork>,
+    /// Index of the VXLAN device.
+    pub vxlan_device: Option<u32>,
+}
+
 /// The routes node `me` should have, by destination.
-pub fn desired_routes(state: &IpamState, me: &str) -> BTreeMap<IpNetwork, RouteTarget> {
+pub fn desired_routes(
+    state: &IpamState,
+    me: &str,
+    underlay: &Underlay,
+) -> BTreeMap<IpNetwork, RouteTarget> {
     let ip_of = |node: &str, family_v4: bool| {
         state
             .nodes()
             .get(node)
             .and_then(|n| n.ip)
             .filter(|ip| ip.is_ipv4() == family_v4)
+    };
+    let target = |pool: &str, ip: IpAddr| {
+        let mode = state
+            .pools()
+            .get(pool)
+            .map(|p| p.vxlan_mode)
+            .unwrap_or_default();
+        let encapsulate = match mode {
+            VxlanMode::Never => false,
+            VxlanMode::Always => true,
+            VxlanMode::CrossSubnet => !underlay.subnet.is_some_and(|s| s.contains(ip)),
+        };
+        match (encapsulate, underlay.vxlan_device) {
+            (true, Some(device)) => RouteTarget::Tunnel {
+                gateway: ip,
+                device,
+            },
+            _ => RouteTarget::Via(ip),
+        }
     };
     let mut routes = BTreeMap::new();
     for block in state.blocks().values() {
@@ -78,7 +128,7 @@ pub fn desired_routes(state: &IpamState, me: &str) -> BTreeMap<IpNetwork, RouteT
             }
             Some(owner) => {
                 if let Some(ip) = ip_of(owner, v4) {
-                    routes.insert(block.cidr, RouteTarget::Via(ip));
+                    routes.insert(block.cidr, target(&block.pool, ip));
                 }
             }
             None => {}
@@ -93,12 +143,42 @@ pub fn desired_routes(state: &IpamState, me: &str) -> BTreeMap<IpNetwork, RouteT
             if let Some(ip) = ip_of(holder, v4) {
                 routes.insert(
                     IpNetwork::from(block.address(*ordinal)),
-                    RouteTarget::Via(ip),
+                    target(&block.pool, ip),
                 );
             }
         }
     }
     routes
+}
+
+/// The nodes some desired route tunnels to, with their VXLAN MACs: each needs a neighbour
+/// entry (next hop -> MAC) and an FDB entry (MAC -> node address) on the VXLAN device.
+pub fn tunnel_peers(
+    state: &IpamState,
+    desired: &BTreeMap<IpNetwork, RouteTarget>,
+) -> Vec<(IpAddr, [u8; 6])> {
+    let mut peers: Vec<(IpAddr, [u8; 6])> = desired
+        .values()
+        .filter_map(|t| match t {
+            RouteTarget::Tunnel { gateway, .. } => Some(*gateway),
+            _ => None,
+        })
+        .filter_map(|gw| {
+            let node = state.nodes().values().find(|n| n.ip == Some(gw))?;
+            Some((gw, parse_mac(node.vxlan_mac.as_deref()?)?))
+        })
+        .collect();
+    peers.sort();
+    peers.dedup();
+    peers
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).ok())
+        .collect::<Option<_>>()?;
+    bytes.try_into().ok()
 }
 
 /// One pass: makes the kernel's protocol-78 routes equal to `desired`.
@@ -138,12 +218,23 @@ pub fn run(
     interval: std::time::Duration,
     once: bool,
 ) -> Result<(), NetdError> {
-    register(store, node)?;
+    let node = NodeInfo {
+        vxlan_mac: Some(format_mac(&vxlan_mac(&node.name))),
+        ..node.clone()
+    };
+    register(store, &node)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(NetlinkError::Socket)?;
     let nl = runtime.block_on(async { Netlink::connect() })?;
+    let mut underlay = Underlay {
+        subnet: match node.ip {
+            Some(ip) => runtime.block_on(nl.subnet_of(ip))?,
+            None => None,
+        },
+        vxlan_device: None,
+    };
     let mut nat_applied: Option<nat::NatPlan> = None;
     for pass_number in 0u64.. {
         // The NAT tables are rewritten when the plan changes, and every 20 passes anyway in
@@ -154,10 +245,17 @@ pub fn run(
                 nat::apply(&plan).map_err(NetdError::Nat)?;
                 nat_applied = Some(plan);
             }
-            let desired = desired_routes(&state, &node.name);
-            runtime
-                .block_on(reconcile(&nl, &desired))
-                .map_err(NetdError::from)
+            runtime.block_on(async {
+                underlay.vxlan_device = ensure_tunnel(&nl, &state, &node).await?;
+                let desired = desired_routes(&state, &node.name, &underlay);
+                if let Some(device) = underlay.vxlan_device {
+                    for (ip, mac) in tunnel_peers(&state, &desired) {
+                        nl.ensure_neighbour(device, ip, mac).await?;
+                        nl.ensure_fdb(device, mac, ip).await?;
+                    }
+                }
+                reconcile(&nl, &desired).await.map_err(NetdError::from)
+            })
         });
         match pass {
             Ok(done) if done.set.is_empty() && done.removed.is_empty() => {}
@@ -173,6 +271,34 @@ pub fn run(
         std::thread::sleep(interval);
     }
     Ok(())
+}
+
+/// The VXLAN device, created when some pool encapsulates and this node has an IPv4 address.
+async fn ensure_tunnel(
+    nl: &Netlink,
+    state: &IpamState,
+    node: &NodeInfo,
+) -> Result<Option<u32>, NetlinkError> {
+    let needed = state
+        .pools()
+        .values()
+        .any(|p| p.vxlan_mode != VxlanMode::Never);
+    match (needed, node.ip) {
+        (true, Some(IpAddr::V4(local))) => {
+            let device = nl
+                .ensure_vxlan(
+                    VXLAN_DEVICE,
+                    VXLAN_VNI,
+                    VXLAN_PORT,
+                    local,
+                    vxlan_mac(&node.name),
+                    1500 - VXLAN_OVERHEAD,
+                )
+                .await?;
+            Ok(Some(device))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// The underlay address family check used by callers validating `--node-ip`.
@@ -209,6 +335,7 @@ mod tests {
                 name: name.into(),
                 ip: Some(ip.parse().unwrap()),
                 labels: Default::default(),
+                vxlan_mac: Some(format_mac(&vxlan_mac(name))),
             });
         }
         allocator::assign(&mut state, handle("a1", "a"), None).unwrap();
@@ -217,7 +344,8 @@ mod tests {
         }
         // Both blocks are claimed; c borrows from a's block.
         let borrowed = allocator::assign(&mut state, handle("c1", "c"), None).unwrap()[0].address;
-        let on_a = desired_routes(&state, "a");
+        let direct = Underlay::default();
+        let on_a = desired_routes(&state, "a", &direct);
         assert_eq!(
             on_a[&"10.0.0.0/29".parse().unwrap()],
             RouteTarget::Blackhole
@@ -228,13 +356,69 @@ mod tests {
         );
         let host = IpNetwork::from(borrowed.ip());
         assert_eq!(on_a[&host], RouteTarget::Via("192.0.2.3".parse().unwrap()));
-        let on_c = desired_routes(&state, "c");
+        let on_c = desired_routes(&state, "c", &direct);
         assert!(
             !on_c.contains_key(&host),
             "the holder routes its pod itself"
         );
         assert_eq!(on_c.len(), 2);
         allocator::remove_node(&mut state, "b");
-        assert!(!desired_routes(&state, "a").contains_key(&"10.0.0.8/29".parse().unwrap()));
+        assert!(!desired_routes(&state, "a", &direct).contains_key(&"10.0.0.8/29".parse().unwrap()));
+    }
+
+    #[test]
+    fn vxlan_modes_choose_tunnel_or_direct_and_name_their_peers() {
+        let mut state = IpamState::default();
+        for (name, cidr, mode) in [
+            ("always", "10.1.0.0/24", VxlanMode::Always),
+            ("cross", "10.2.0.0/24", VxlanMode::CrossSubnet),
+        ] {
+            let mut pool = Pool::new(name, cidr.parse().unwrap(), Some(26)).unwrap();
+            pool.vxlan_mode = mode;
+            allocator::ensure_pool(&mut state, pool, Overrides::ALL).unwrap();
+        }
+        for (name, ip) in [
+            ("a", "192.0.2.1"),
+            ("near", "192.0.2.2"),
+            ("far", "198.51.100.3"),
+        ] {
+            state.put_node(NodeInfo {
+                name: name.into(),
+                ip: Some(ip.parse().unwrap()),
+                labels: Default::default(),
+                vxlan_mac: Some(format_mac(&vxlan_mac(name))),
+            });
+        }
+        for (node, pool) in [("near", "always"), ("near", "cross"), ("far", "cross")] {
+            let h = handle(&format!("{node}-{pool}"), node);
+            allocator::assign(&mut state, h, Some(&[pool.to_string()])).unwrap();
+        }
+        let underlay = Underlay {
+            subnet: Some("192.0.2.0/24".parse().unwrap()),
+            vxlan_device: Some(7),
+        };
+        let routes = desired_routes(&state, "a", &underlay);
+        let tunnel = |ip: &str| RouteTarget::Tunnel {
+            gateway: ip.parse().unwrap(),
+            device: 7,
+        };
+        assert_eq!(routes[&"10.1.0.0/26".parse().unwrap()], tunnel("192.0.2.2"));
+        assert_eq!(
+            routes[&"10.2.0.0/26".parse().unwrap()],
+            RouteTarget::Via("192.0.2.2".parse().unwrap()),
+            "same subnet: direct"
+        );
+        assert_eq!(
+            routes[&"10.2.0.64/26".parse().unwrap()],
+            tunnel("198.51.100.3")
+        );
+        let peers = tunnel_peers(&state, &routes);
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].1, vxlan_mac("near"));
+        // Without a VXLAN device (none created yet), routes fall back to direct.
+        let bare = desired_routes(&state, "a", &Underlay::default());
+        assert!(bare
+            .values()
+            .all(|t| !matches!(t, RouteTarget::Tunnel { .. })));
     }
 }
