@@ -363,6 +363,17 @@ impl Netlink {
             .map_err(request("set up", name))
     }
 
+    /// Sets a link's MTU.
+    pub async fn set_mtu(&self, index: u32, name: &str, mtu: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(request("set mtu", name))
+    }
+
     /// Sets an interface alias (IFLA_IFALIAS), used to tag host veths with their attachment.
     pub async fn set_alias(&self, index: u32, name: &str, alias: &str) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(index).alias(alias).build();

@@ -378,11 +378,15 @@ fn pods_reach_each_other_through_vxlan_when_the_pool_asks_for_it() {
         let mut conf = cluster.conf(i, "routed");
         conf["ipam"]["pools"] =
             json!([{"name": "overlay", "cidr": "10.82.0.0/16", "vxlanMode": "Always"}]);
-        conf["mtu"] = json!(1450);
         conf
     };
     let (a, b) = (Pod::new(), Pod::new());
-    cluster.nodes[0].add(&conf(0), "a", &a).expect_ok();
+    let added = cluster.nodes[0].add(&conf(0), "a", &a).expect_ok();
+    assert_eq!(
+        added.out["interfaces"][1]["mtu"], 1450,
+        "pods lose the VXLAN overhead"
+    );
+    assert_eq!(added.out["routes"][0]["mtu"], 1450);
     let ip_b = cluster.nodes[1].add(&conf(1), "b", &b).expect_ok().ip();
     eventually("n1 routing n2's block through the tunnel", || {
         cluster.netd_routes(0).iter().any(|r| r.contains("Tunnel"))

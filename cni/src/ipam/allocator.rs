@@ -19,6 +19,8 @@ pub struct Assigned {
     pub address: IpNetwork,
     /// The block gateway.
     pub gateway: IpAddr,
+    /// The pool may encapsulate (VXLAN) towards other nodes.
+    pub encapsulated: bool,
 }
 
 /// How full a pool is, for messages, `ipam show` and STATUS.
@@ -481,9 +483,11 @@ fn assign_one(
             reason: format!("block {key}: {e}"),
         }
     })?;
+    let gateway = block.gateway();
     Ok(Assigned {
         address,
-        gateway: block.gateway(),
+        gateway,
+        encapsulated: encapsulated(state, &key),
     })
 }
 
@@ -496,7 +500,20 @@ fn assigned_from(state: &IpamState, address: IpNetwork) -> Assigned {
         .get(&key)
         .map(|b| b.gateway())
         .unwrap_or_else(|| address.network());
-    Assigned { address, gateway }
+    Assigned {
+        address,
+        gateway,
+        encapsulated: encapsulated(state, &key),
+    }
+}
+
+/// Whether the pool of block `key` uses VXLAN towards any node.
+fn encapsulated(state: &IpamState, key: &str) -> bool {
+    state
+        .blocks()
+        .get(key)
+        .and_then(|b| state.pools().get(&b.pool))
+        .is_some_and(|p| p.vxlan_mode != crate::ipam::model::VxlanMode::Never)
 }
 
 #[cfg(test)]

@@ -46,6 +46,12 @@ pub struct Pool {
     pub vxlan_mode: VxlanMode,
 }
 
+/// Bytes VXLAN adds to every packet: pods of an encapsulated pool get a path MTU this much
+/// below [`UNDERLAY_MTU`].
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// The underlay MTU nodekit assumes when it derives a pod's path MTU.
+pub const UNDERLAY_MTU: u32 = 1500;
+
 /// Calico's encapsulation choice per pool.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VxlanMode {

@@ -169,6 +169,9 @@ fn result_for(assigned: &[Assigned], routes: Option<Vec<Route>>) -> CniResult {
             .map(|a| Route {
                 dst: default_dst(a.address.is_ipv4()),
                 gw: None,
+                mtu: a
+                    .encapsulated
+                    .then_some(super::model::UNDERLAY_MTU - super::model::VXLAN_OVERHEAD),
             })
             .collect()
     };

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use crate::ipam::model::{IpamState, NodeInfo, VxlanMode};
+use crate::ipam::model::{IpamState, NodeInfo, VxlanMode, UNDERLAY_MTU, VXLAN_OVERHEAD};
 use crate::ipam::store::{transact_with, Datastore};
 use crate::ipam::IpamError;
 use crate::netlink::{format_mac, route_summary, Netlink, NetlinkError, RouteTarget};
@@ -67,8 +67,6 @@ pub const VXLAN_DEVICE: &str = "nk.vxlan";
 pub const VXLAN_VNI: u32 = 4096;
 /// VXLAN UDP port (IANA).
 pub const VXLAN_PORT: u16 = 4789;
-/// Bytes VXLAN adds to every packet: pods on encapsulated pools need an MTU this much smaller.
-pub const VXLAN_OVERHEAD: u32 = 50;
 
 /// The MAC of a node's VXLAN device, derived from its name (stable across restarts).
 pub fn vxlan_mac(node: &str) -> [u8; 6] {
@@ -292,7 +290,7 @@ async fn ensure_tunnel(
                     VXLAN_PORT,
                     local,
                     vxlan_mac(&node.name),
-                    1500 - VXLAN_OVERHEAD,
+                    UNDERLAY_MTU - VXLAN_OVERHEAD,
                 )
                 .await?;
             Ok(Some(device))

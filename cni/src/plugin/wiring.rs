@@ -191,7 +191,7 @@ pub async fn configure(
         }
     }
     interfaces.push(Interface {
-        name: host_name,
+        name: host_name.clone(),
         mac: link_mac(&host),
         ..Default::default()
     });
@@ -217,6 +217,18 @@ pub async fn configure(
             interface: Some(interfaces.len()),
         });
     }
+    // An encapsulating pool asks for a smaller MTU than the config's: both veth ends take it.
+    let mtu = ipam
+        .routes
+        .iter()
+        .filter_map(|r| r.mtu)
+        .chain([conf.mtu])
+        .min()
+        .unwrap_or(conf.mtu);
+    if mtu < conf.mtu {
+        node.set_mtu(host_index, &host_name, mtu).await?;
+        pod.set_mtu(pod_index, at.ifname, mtu).await?;
+    }
     pod.set_up(pod_index, at.ifname).await?;
     let routes = pod_routes(ipam, &ips);
     if conf.mode == Mode::Routed {
@@ -238,7 +250,7 @@ pub async fn configure(
     interfaces.push(Interface {
         name: link_name(&pod_link).unwrap_or(at.ifname).to_string(),
         mac: link_mac(&pod_link),
-        mtu: None,
+        mtu: (mtu < conf.mtu).then_some(mtu),
         sandbox: Some(at.pod_ns.path().display().to_string()),
     });
     Ok(CniResult {
@@ -275,6 +287,7 @@ fn pod_routes(ipam: &CniResult, ips: &[IpConfig]) -> Vec<Route> {
             .map(|ip| Route {
                 dst: crate::spec::default_dst(ip.address.is_ipv4()),
                 gw: None,
+                mtu: None,
             })
             .collect()
     } else {
@@ -291,6 +304,7 @@ fn pod_routes(ipam: &CniResult, ips: &[IpConfig]) -> Vec<Route> {
             Some(Route {
                 dst: r.dst,
                 gw: Some(gw),
+                mtu: r.mtu,
             })
         })
         .collect()

@@ -63,6 +63,9 @@ pub struct Route {
     /// Next hop; the plugin picks one when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gw: Option<IpAddr>,
+    /// Path MTU of the route (1.1.0); nodekit-ipam sets it for VXLAN pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 /// The default-route destination of a family (`0.0.0.0/0` or `::/0`).
@@ -157,6 +160,7 @@ mod tests {
             routes: vec![Route {
                 dst: "0.0.0.0/0".parse().unwrap(),
                 gw: None,
+                mtu: None,
             }],
             dns: Dns::default(),
         }
