@@ -36,7 +36,7 @@ fn prepared_store(dir: &std::path::Path) -> FileStore {
         .unwrap();
     for i in 0..200 {
         transact_with(&store, |s| {
-            allocator::assign(s, handle(1_000_000 + i), None)
+            allocator::assign(s, handle(1_000_000 + i), &allocator::Choice::default())
         })
         .unwrap();
     }
@@ -46,7 +46,10 @@ fn prepared_store(dir: &std::path::Path) -> FileStore {
 fn cycle(store: &FileStore, i: u64) {
     let h = handle(i);
     let id = h.id.clone();
-    transact_with(store, |s| allocator::assign(s, h.clone(), None)).unwrap();
+    transact_with(store, |s| {
+        allocator::assign(s, h.clone(), &allocator::Choice::default())
+    })
+    .unwrap();
     store
         .transact(&mut |s| {
             allocator::release(s, &id);
@@ -74,7 +77,7 @@ fn bench(c: &mut Criterion) {
             i += 1;
             let h = handle(i);
             let id = h.id.clone();
-            allocator::assign(&mut state, h, None).unwrap();
+            allocator::assign(&mut state, h, &allocator::Choice::default()).unwrap();
             allocator::release(&mut state, &id);
             state.take_changes() // what a commit reads
         })

@@ -330,7 +330,10 @@ mod tests {
             addresses: vec![],
             pod: None,
         };
-        let got = transact_with(&store, |s| allocator::assign(s, handle.clone(), None)).unwrap();
+        let got = transact_with(&store, |s| {
+            allocator::assign(s, handle.clone(), &allocator::Choice::default())
+        })
+        .unwrap();
         let text = show(&store, Format::Table).unwrap();
         assert!(
             text.contains("10.9.0.0/28") && text.contains("n1=1"),

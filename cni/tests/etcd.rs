@@ -52,8 +52,10 @@ fn concurrent_writers_on_several_nodes_never_share_an_address() {
                         (0..10)
                             .map(|i| {
                                 let h = handle(&format!("w{w}-{i}"), &format!("node{}", w % 3));
-                                transact_with(&store, |s| allocator::assign(s, h.clone(), None))
-                                    .unwrap()[0]
+                                transact_with(&store, |s| {
+                                    allocator::assign(s, h.clone(), &allocator::Choice::default())
+                                })
+                                .unwrap()[0]
                                     .address
                                     .to_string()
                             })

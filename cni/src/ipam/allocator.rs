@@ -68,13 +68,23 @@ impl std::fmt::Display for PoolUsage {
     }
 }
 
+/// Which pools an assignment may use, and how.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Choice<'a> {
+    /// Only these pools (CNI_ARGS `IP_POOLS`); `None`: every pool selecting the node.
+    pub pools: Option<&'a [String]>,
+    /// Never borrow from other nodes' blocks, whatever the pools say (the IPAM config's
+    /// global `strictAffinity`).
+    pub strict_affinity: bool,
+}
+
 /// Assigns one address per family of the candidate pools to `handle` (dual-stack when pools
 /// of both families apply). A handle that already holds addresses gets the same ones back.
 /// All-or-nothing: on error the caller's transaction is dropped, so nothing is held.
 pub fn assign(
     state: &mut IpamState,
     mut handle: Handle,
-    pool_names: Option<&[String]>,
+    choice: &Choice,
 ) -> Result<Vec<Assigned>, IpamError> {
     if let Some(existing) = state.handles().get(&handle.id) {
         return Ok(existing
@@ -83,7 +93,7 @@ pub fn assign(
             .map(|a| assigned_from(state, *a))
             .collect());
     }
-    let candidates = candidate_pools(state, pool_names, &handle.node)?;
+    let candidates = candidate_pools(state, choice.pools, &handle.node)?;
     let mut assigned = Vec::new();
     for v4 in [true, false] {
         let family: Vec<Pool> = candidates
@@ -94,7 +104,7 @@ pub fn assign(
         if family.is_empty() {
             continue;
         }
-        let got = assign_one(state, &family, &handle.node, &handle.id, v4)?;
+        let got = assign_one(state, &family, &handle, v4, choice.strict_affinity)?;
         handle.addresses.push(got.address);
         assigned.push(got);
     }
@@ -229,11 +239,7 @@ pub fn usage(state: &IpamState) -> Vec<PoolUsage> {
 
 /// Whether an ADD on `node` would find an address in every family of the candidate pools;
 /// the exhaustion error when not (STATUS reports it).
-pub fn check_available(
-    state: &IpamState,
-    node: &str,
-    pool_names: Option<&[String]>,
-) -> Result<(), IpamError> {
+pub fn check_available(state: &IpamState, node: &str, choice: &Choice) -> Result<(), IpamError> {
     let mut probe = state.clone();
     let handle = Handle {
         id: "\0status-probe".into(),
@@ -245,7 +251,7 @@ pub fn check_available(
         addresses: Vec::new(),
         pod: None,
     };
-    assign(&mut probe, handle, pool_names).map(|_| ())
+    assign(&mut probe, handle, choice).map(|_| ())
 }
 
 /// Which attributes of an existing pool a request sets; the others keep their stored value
@@ -425,10 +431,11 @@ fn candidate_pools(
 fn assign_one(
     state: &mut IpamState,
     family: &[Pool],
-    node: &str,
-    handle_id: &str,
+    handle: &Handle,
     v4: bool,
+    strict: bool,
 ) -> Result<Assigned, IpamError> {
+    let (node, handle_id) = (handle.node.as_str(), handle.id.as_str());
     let enabled: Vec<&Pool> = family.iter().filter(|p| !p.disabled).collect();
     let in_enabled = |b: &Block| enabled.iter().any(|p| p.name == b.pool);
     // 1. A block this node already holds.
@@ -454,7 +461,7 @@ fn assign_one(
     let borrowable = |b: &Block| {
         enabled
             .iter()
-            .any(|p| p.name == b.pool && !p.strict_affinity)
+            .any(|p| p.name == b.pool && !p.strict_affinity && !strict)
     };
     let target = target.or_else(|| {
         state
@@ -548,7 +555,12 @@ mod tests {
         let mut state = state_with(&[("p", "10.0.0.0/24", 29)]);
         let mut seen = HashSet::new();
         for i in 0..7 {
-            let got = assign(&mut state, handle(&format!("h{i}"), "n1"), None).unwrap();
+            let got = assign(
+                &mut state,
+                handle(&format!("h{i}"), "n1"),
+                &Choice::default(),
+            )
+            .unwrap();
             assert_eq!(got.len(), 1);
             assert!(seen.insert(got[0].address.ip()), "duplicate {:?}", got[0]);
         }
@@ -558,7 +570,7 @@ mod tests {
             .blocks()
             .values()
             .all(|b| b.affinity.as_deref() == Some("n1")));
-        let first = assign(&mut state, handle("h0", "n1"), None).unwrap();
+        let first = assign(&mut state, handle("h0", "n1"), &Choice::default()).unwrap();
         assert_eq!(first[0].address.to_string(), "10.0.0.2/29");
         assert_eq!(first[0].gateway.to_string(), "10.0.0.1");
     }
@@ -566,8 +578,8 @@ mod tests {
     #[test]
     fn the_same_handle_gets_the_same_addresses() {
         let mut state = state_with(&[("v4", "10.0.0.0/24", 26), ("v6", "fd00::/120", 122)]);
-        let a = assign(&mut state, handle("h", "n1"), None).unwrap();
-        let b = assign(&mut state, handle("h", "n1"), None).unwrap();
+        let a = assign(&mut state, handle("h", "n1"), &Choice::default()).unwrap();
+        let b = assign(&mut state, handle("h", "n1"), &Choice::default()).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.len(), 2, "dual stack gives one of each family");
         assert!(a[0].address.is_ipv4() && a[1].address.is_ipv6());
@@ -576,8 +588,8 @@ mod tests {
     #[test]
     fn release_frees_exactly_the_handle() {
         let mut state = state_with(&[("p", "10.0.0.0/24", 26)]);
-        let a = assign(&mut state, handle("a", "n1"), None).unwrap();
-        assign(&mut state, handle("b", "n1"), None).unwrap();
+        let a = assign(&mut state, handle("a", "n1"), &Choice::default()).unwrap();
+        assign(&mut state, handle("b", "n1"), &Choice::default()).unwrap();
         assert!(release(&mut state, "a").is_some());
         assert!(
             release(&mut state, "a").is_none(),
@@ -585,7 +597,7 @@ mod tests {
         );
         let used: usize = state.blocks().values().map(|b| b.allocations.len()).sum();
         assert_eq!(used, 1);
-        let c = assign(&mut state, handle("c", "n1"), None).unwrap();
+        let c = assign(&mut state, handle("c", "n1"), &Choice::default()).unwrap();
         assert_eq!(
             c[0].address, a[0].address,
             "the freed address is reused first"
@@ -596,12 +608,17 @@ mod tests {
     fn exhaustion_names_pool_size_use_and_remedy_and_is_all_or_nothing() {
         let mut state = state_with(&[("small", "10.0.0.0/29", 29), ("v6", "fd00::/126", 126)]);
         for i in 0..2 {
-            assign(&mut state, handle(&format!("h{i}"), "n1"), None).unwrap();
+            assign(
+                &mut state,
+                handle(&format!("h{i}"), "n1"),
+                &Choice::default(),
+            )
+            .unwrap();
         }
         // v6 /126 has 2 usable, v4 /29 has 5: the third dual-stack ADD fails on v6.
         let before = state.clone();
         let mut attempt = state.clone();
-        let err = assign(&mut attempt, handle("h2", "n1"), None).unwrap_err();
+        let err = assign(&mut attempt, handle("h2", "n1"), &Choice::default()).unwrap_err();
         let msg = err.to_string();
         for needle in [
             "IPv6",
@@ -615,24 +632,24 @@ mod tests {
             assert!(msg.contains(needle), "{needle:?} missing in {msg}");
         }
         assert_eq!(state, before);
-        assert!(check_available(&state, "n1", None).is_err());
+        assert!(check_available(&state, "n1", &Choice::default()).is_err());
         release(&mut state, "h0");
-        assert!(check_available(&state, "n1", None).is_ok());
+        assert!(check_available(&state, "n1", &Choice::default()).is_ok());
     }
 
     #[test]
     fn disabled_pools_give_nothing_new_and_say_so() {
         let mut state = state_with(&[("p", "10.0.0.0/24", 26)]);
         state.pool_mut("p").unwrap().disabled = true;
-        let err = assign(&mut state, handle("h", "n1"), None).unwrap_err();
+        let err = assign(&mut state, handle("h", "n1"), &Choice::default()).unwrap_err();
         assert!(err.to_string().contains("disabled"), "{err}");
     }
 
     #[test]
     fn a_node_borrows_when_no_block_is_free() {
         let mut state = state_with(&[("p", "10.0.0.0/29", 29)]);
-        assign(&mut state, handle("a", "n1"), None).unwrap();
-        let b = assign(&mut state, handle("b", "n2"), None).unwrap();
+        assign(&mut state, handle("a", "n1"), &Choice::default()).unwrap();
+        let b = assign(&mut state, handle("b", "n2"), &Choice::default()).unwrap();
         assert_eq!(b[0].address.to_string(), "10.0.0.3/29");
         assert_eq!(state.blocks().len(), 1);
     }
@@ -640,9 +657,19 @@ mod tests {
     #[test]
     fn named_pools_restrict_the_choice() {
         let mut state = state_with(&[("a", "10.0.0.0/24", 26), ("b", "10.1.0.0/24", 26)]);
-        let got = assign(&mut state, handle("h", "n1"), Some(&["b".to_string()])).unwrap();
+        let only_b = ["b".to_string()];
+        let choice = Choice {
+            pools: Some(&only_b),
+            ..Choice::default()
+        };
+        let got = assign(&mut state, handle("h", "n1"), &choice).unwrap();
         assert!(got[0].address.to_string().starts_with("10.1.0."));
-        let err = assign(&mut state, handle("x", "n1"), Some(&["zz".to_string()])).unwrap_err();
+        let unknown = ["zz".to_string()];
+        let choice = Choice {
+            pools: Some(&unknown),
+            ..Choice::default()
+        };
+        let err = assign(&mut state, handle("x", "n1"), &choice).unwrap_err();
         assert!(err.to_string().contains("zz"));
     }
 
@@ -658,9 +685,9 @@ mod tests {
             labels: [("zone".into(), "b".into())].into(),
             vxlan_mac: None,
         });
-        let got = assign(&mut state, handle("h", "n1"), None).unwrap();
+        let got = assign(&mut state, handle("h", "n1"), &Choice::default()).unwrap();
         assert!(got[0].address.to_string().starts_with("10.1.0."));
-        let err = assign(&mut state, handle("x", "unlabelled"), None).unwrap_err();
+        let err = assign(&mut state, handle("x", "unlabelled"), &Choice::default()).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("unlabelled") && msg.contains("zone=a"),
@@ -672,16 +699,29 @@ mod tests {
     fn strict_affinity_forbids_borrowing() {
         let mut state = state_with(&[("p", "10.0.0.0/29", 29)]);
         state.pool_mut("p").unwrap().strict_affinity = true;
-        assign(&mut state, handle("a", "n1"), None).unwrap();
-        let err = assign(&mut state, handle("b", "n2"), None).unwrap_err();
+        assign(&mut state, handle("a", "n1"), &Choice::default()).unwrap();
+        let err = assign(&mut state, handle("b", "n2"), &Choice::default()).unwrap_err();
         assert!(matches!(err, IpamError::Exhausted { .. }), "{err}");
+        // The same through the global setting on a lending pool.
+        state.pool_mut("p").unwrap().strict_affinity = false;
+        let global = Choice {
+            strict_affinity: true,
+            ..Choice::default()
+        };
+        assert!(assign(&mut state, handle("b", "n2"), &global).is_err());
+        assert!(assign(&mut state, handle("b", "n2"), &Choice::default()).is_ok());
     }
 
     #[test]
     fn an_emptied_block_goes_back_when_the_node_has_room_elsewhere() {
         let mut state = state_with(&[("p", "10.0.0.0/24", 29)]);
         for i in 0..6 {
-            assign(&mut state, handle(&format!("h{i}"), "n1"), None).unwrap();
+            assign(
+                &mut state,
+                handle(&format!("h{i}"), "n1"),
+                &Choice::default(),
+            )
+            .unwrap();
         }
         assert_eq!(
             state.blocks().len(),
@@ -691,7 +731,7 @@ mod tests {
         release(&mut state, "h5");
         assert_eq!(state.blocks().len(), 2, "the only block with room is kept");
         release(&mut state, "h0");
-        assign(&mut state, handle("h6", "n1"), None).unwrap();
+        assign(&mut state, handle("h6", "n1"), &Choice::default()).unwrap();
         assert_eq!(state.blocks().len(), 2);
         for i in 1..5 {
             release(&mut state, &format!("h{i}"));
@@ -708,15 +748,25 @@ mod tests {
     fn removing_a_node_releases_its_addresses_and_blocks_but_not_borrowers() {
         let mut state = state_with(&[("p", "10.0.0.0/28", 29)]);
         for i in 0..5 {
-            assign(&mut state, handle(&format!("a{i}"), "gone"), None).unwrap();
+            assign(
+                &mut state,
+                handle(&format!("a{i}"), "gone"),
+                &Choice::default(),
+            )
+            .unwrap();
         }
-        assign(&mut state, handle("b0", "stays"), None).unwrap();
+        assign(&mut state, handle("b0", "stays"), &Choice::default()).unwrap();
         // "stays" took the second block; fill it, then borrow from the departed node's block.
         for i in 1..5 {
-            assign(&mut state, handle(&format!("b{i}"), "stays"), None).unwrap();
+            assign(
+                &mut state,
+                handle(&format!("b{i}"), "stays"),
+                &Choice::default(),
+            )
+            .unwrap();
         }
         release(&mut state, "a0");
-        let borrowed = assign(&mut state, handle("borrow", "stays"), None).unwrap();
+        let borrowed = assign(&mut state, handle("borrow", "stays"), &Choice::default()).unwrap();
         assert!(borrowed[0].address.to_string().starts_with("10.0.0."));
         let removal = remove_node(&mut state, "gone");
         assert_eq!(removal.handles, 4);

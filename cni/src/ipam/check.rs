@@ -112,7 +112,7 @@ mod tests {
                 addresses: vec![],
                 pod: None,
             };
-            allocator::assign(&mut state, handle, None).unwrap();
+            allocator::assign(&mut state, handle, &allocator::Choice::default()).unwrap();
         }
         let key = state.blocks().keys().next().unwrap().clone();
         state

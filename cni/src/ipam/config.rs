@@ -50,6 +50,9 @@ pub struct IpamConf {
     /// Routes to return; default: a default route per assigned family.
     #[serde(default)]
     pub routes: Option<Vec<Route>>,
+    /// Never borrow addresses from other nodes' blocks, in any pool.
+    #[serde(rename = "strictAffinity", default)]
+    pub strict_affinity: bool,
 }
 
 /// Which datastore backend, and where.

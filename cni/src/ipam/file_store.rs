@@ -496,9 +496,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
         pool_state(&store);
-        let got = transact_with(&store, |s| allocator::assign(s, handle("a"), None)).unwrap();
+        let got = transact_with(&store, |s| {
+            allocator::assign(s, handle("a"), &allocator::Choice::default())
+        })
+        .unwrap();
         let err = store.transact(&mut |s| {
-            allocator::assign(s, handle("b"), None)?;
+            allocator::assign(s, handle("b"), &allocator::Choice::default())?;
             Err(IpamError::NoPools)
         });
         assert!(err.is_err());
@@ -517,7 +520,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
         pool_state(&store);
-        transact_with(&store, |s| allocator::assign(s, handle("a"), None)).unwrap();
+        transact_with(&store, |s| {
+            allocator::assign(s, handle("a"), &allocator::Choice::default())
+        })
+        .unwrap();
         let path = dir.path().join("journal");
         let end = fs::read(&path)
             .unwrap()
@@ -534,7 +540,10 @@ mod tests {
         let state = FileStore::open(dir.path()).unwrap().read().unwrap();
         assert!(state.handles().contains_key("a"));
         let store = FileStore::open(dir.path()).unwrap();
-        transact_with(&store, |s| allocator::assign(s, handle("b"), None)).unwrap();
+        transact_with(&store, |s| {
+            allocator::assign(s, handle("b"), &allocator::Choice::default())
+        })
+        .unwrap();
         let state = FileStore::open(dir.path()).unwrap().read().unwrap();
         assert_eq!(state.handles().len(), 2);
         assert_eq!(fs::metadata(&path).unwrap().len(), JOURNAL_BYTES);
@@ -547,7 +556,10 @@ mod tests {
         pool_state(&store);
         for i in 0..400 {
             let id = format!("h{i}");
-            transact_with(&store, |s| allocator::assign(s, handle(&id), None)).unwrap();
+            transact_with(&store, |s| {
+                allocator::assign(s, handle(&id), &allocator::Choice::default())
+            })
+            .unwrap();
             if i % 2 == 0 {
                 store
                     .transact(&mut |s| {
@@ -579,8 +591,10 @@ mod tests {
                     (0..20)
                         .map(|i| {
                             let id = format!("t{t}-{i}");
-                            transact_with(&store, |s| allocator::assign(s, handle(&id), None))
-                                .unwrap()[0]
+                            transact_with(&store, |s| {
+                                allocator::assign(s, handle(&id), &allocator::Choice::default())
+                            })
+                            .unwrap()[0]
                                 .address
                         })
                         .collect::<Vec<_>>()

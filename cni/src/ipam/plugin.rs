@@ -57,6 +57,13 @@ impl Request {
         Ok(())
     }
 
+    fn choice<'a>(&self, pools: Option<&'a [String]>) -> allocator::Choice<'a> {
+        allocator::Choice {
+            pools,
+            strict_affinity: self.conf.ipam.strict_affinity,
+        }
+    }
+
     fn handle_id(&self, args: &CmdArgs) -> String {
         Handle::id_for(&self.conf.name, &args.container_id, &args.ifname)
     }
@@ -85,7 +92,7 @@ impl Plugin for IpamPlugin {
         let names = req.pool_names(args);
         let assigned = transact_with(req.store.as_ref(), |state| {
             req.ensure_pools(state)?;
-            allocator::assign(state, handle.clone(), names.as_deref())
+            allocator::assign(state, handle.clone(), &req.choice(names.as_deref()))
         })?;
         tracing::info!(handle = %handle.id, addresses = ?assigned, "assigned");
         Ok(result_for(&assigned, req.conf.ipam.routes.clone()))
@@ -134,7 +141,8 @@ impl Plugin for IpamPlugin {
         let names = req.pool_names(args);
         let mut state = req.store.read().map_err(not_available)?;
         req.ensure_pools(&mut state).map_err(not_available)?;
-        allocator::check_available(&state, &req.node, names.as_deref()).map_err(not_available)
+        allocator::check_available(&state, &req.node, &req.choice(names.as_deref()))
+            .map_err(not_available)
     }
 
     fn gc(&self, args: &CmdArgs, conf: &NetConfHeader) -> Result<(), ErrorResult> {

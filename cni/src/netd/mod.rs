@@ -336,12 +336,20 @@ mod tests {
                 vxlan_mac: Some(format_mac(&vxlan_mac(name))),
             });
         }
-        allocator::assign(&mut state, handle("a1", "a"), None).unwrap();
+        allocator::assign(&mut state, handle("a1", "a"), &allocator::Choice::default()).unwrap();
         for i in 0..5 {
-            allocator::assign(&mut state, handle(&format!("b{i}"), "b"), None).unwrap();
+            allocator::assign(
+                &mut state,
+                handle(&format!("b{i}"), "b"),
+                &allocator::Choice::default(),
+            )
+            .unwrap();
         }
         // Both blocks are claimed; c borrows from a's block.
-        let borrowed = allocator::assign(&mut state, handle("c1", "c"), None).unwrap()[0].address;
+        let borrowed =
+            allocator::assign(&mut state, handle("c1", "c"), &allocator::Choice::default())
+                .unwrap()[0]
+                .address;
         let direct = Underlay::default();
         let on_a = desired_routes(&state, "a", &direct);
         assert_eq!(
@@ -389,7 +397,12 @@ mod tests {
         }
         for (node, pool) in [("near", "always"), ("near", "cross"), ("far", "cross")] {
             let h = handle(&format!("{node}-{pool}"), node);
-            allocator::assign(&mut state, h, Some(&[pool.to_string()])).unwrap();
+            let only = [pool.to_string()];
+            let choice = allocator::Choice {
+                pools: Some(&only),
+                ..Default::default()
+            };
+            allocator::assign(&mut state, h, &choice).unwrap();
         }
         let underlay = Underlay {
             subnet: Some("192.0.2.0/24".parse().unwrap()),
