@@ -54,6 +54,7 @@ impl Cluster {
             let node = Node::new();
             let port = format!("ul{i}");
             let addr: IpNetwork = format!("10.99.0.{i}/24").parse().unwrap();
+            let addr6: IpNetwork = format!("fd99::{i}/64").parse().unwrap();
             underlay
                 .run(|| {
                     rt.block_on(async {
@@ -73,6 +74,7 @@ impl Cluster {
                         let nl = Netlink::connect()?;
                         let eth0 = nl.link("eth0").await?.unwrap();
                         nl.ensure_address(eth0.header.index, "eth0", addr).await?;
+                        nl.ensure_address(eth0.header.index, "eth0", addr6).await?;
                         nl.set_up(eth0.header.index, "eth0").await
                     })
                 })
@@ -97,6 +99,7 @@ impl Cluster {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodekit-netd"));
         cmd.args(["--node-name", &format!("n{}", i + 1)])
             .args(["--node-ip", &format!("10.99.0.{}", i + 1)])
+            .args(["--node-ip", &format!("fd99::{}", i + 1)])
             .args(["--etcd-endpoints", self.etcd.url(), "--prefix", "/lab"])
             .args(["--interval-ms", "200"])
             .stdout(Stdio::null())
@@ -395,4 +398,22 @@ fn pods_reach_each_other_through_vxlan_when_the_pool_asks_for_it() {
         a.ping(&ip_b)
     });
     assert!(cluster.nodes[0].links().contains("nk.vxlan"));
+}
+
+#[test]
+fn ipv6_blocks_route_via_the_nodes_ipv6_addresses() {
+    let cluster = Cluster::new(2);
+    let conf = |i: usize| {
+        let mut conf = cluster.conf(i, "routed");
+        conf["ipam"]["pools"] = json!([
+            {"name": "v4", "cidr": "10.83.0.0/16"},
+            {"name": "v6", "cidr": "fd00:83::/64"}
+        ]);
+        conf
+    };
+    let (a, b) = (Pod::new(), Pod::new());
+    cluster.nodes[0].add(&conf(0), "a", &a).expect_ok();
+    let added = cluster.nodes[1].add(&conf(1), "b", &b).expect_ok();
+    let v6 = added.ips()[1].split('/').next().unwrap().to_string();
+    eventually("a pod on n1 reaching n2's pod over IPv6", || a.ping(&v6));
 }

@@ -18,9 +18,10 @@ struct Cli {
     /// This node's name (the `nodeName` of the CNI config).
     #[arg(long)]
     node_name: String,
-    /// This node's underlay address; other nodes route this node's blocks via it.
-    #[arg(long)]
-    node_ip: IpAddr,
+    /// This node's underlay address; other nodes route this node's blocks via it. Give it
+    /// twice (one IPv4, one IPv6) to route both families' blocks.
+    #[arg(long, required = true, num_args = 1)]
+    node_ip: Vec<IpAddr>,
     /// Node label, KEY=VALUE (repeatable); pools select nodes by label.
     #[arg(long, value_parser = parse_label)]
     label: Vec<(String, String)>,
@@ -60,11 +61,13 @@ fn parse_label(raw: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     nodekit_cni::skel::init_logging();
     let cli = Cli::parse();
-    if !netd::is_usable_node_ip(cli.node_ip) {
-        eprintln!(
-            "nodekit-netd: --node-ip {} cannot carry traffic between nodes",
-            cli.node_ip
-        );
+    if let Some(bad) = cli.node_ip.iter().find(|ip| !netd::is_usable_node_ip(**ip)) {
+        eprintln!("nodekit-netd: --node-ip {bad} cannot carry traffic between nodes");
+        return ExitCode::FAILURE;
+    }
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = cli.node_ip.iter().partition(|ip| ip.is_ipv4());
+    if v4.len() > 1 || v6.len() > 1 {
+        eprintln!("nodekit-netd: give --node-ip at most once per address family");
         return ExitCode::FAILURE;
     }
     let conf = match cli.datastore {
@@ -76,7 +79,8 @@ fn main() -> ExitCode {
     };
     let node = NodeInfo {
         name: cli.node_name,
-        ip: Some(cli.node_ip),
+        ip: v4.first().or(v6.first()).copied(),
+        ip6: v4.first().and(v6.first()).copied(),
         labels: cli.label.into_iter().collect(),
         vxlan_mac: None,
     };

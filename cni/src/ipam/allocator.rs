@@ -682,6 +682,7 @@ mod tests {
         state.put_node(NodeInfo {
             name: "n1".into(),
             ip: None,
+            ip6: None,
             labels: [("zone".into(), "b".into())].into(),
             vxlan_mac: None,
         });

@@ -293,6 +293,9 @@ pub struct NodeInfo {
     /// The node's underlay address, routes to its blocks go via it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<IpAddr>,
+    /// A second underlay address of the other family (IPv6 blocks route via an IPv6 one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<IpAddr>,
     /// Labels matched against pools' `nodeSelector`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -367,6 +370,16 @@ impl PartialEq for IpamState {
 }
 
 impl Eq for IpamState {}
+
+impl NodeInfo {
+    /// The node's underlay address of a family, if it has one.
+    pub fn address(&self, v4: bool) -> Option<IpAddr> {
+        [self.ip, self.ip6]
+            .into_iter()
+            .flatten()
+            .find(|ip| ip.is_ipv4() == v4)
+    }
+}
 
 impl IpamState {
     /// Pools by name.

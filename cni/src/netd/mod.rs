@@ -52,6 +52,7 @@ pub fn register(store: &dyn Datastore, node: &NodeInfo) -> Result<(), IpamError>
         let mut record = state.nodes().get(&node.name).cloned().unwrap_or_default();
         record.name = node.name.clone();
         record.ip = node.ip.or(record.ip);
+        record.ip6 = node.ip6.or(record.ip6);
         record.labels.extend(node.labels.clone());
         record.vxlan_mac = node.vxlan_mac.clone().or(record.vxlan_mac);
         if state.nodes().get(&node.name) != Some(&record) {
@@ -91,13 +92,7 @@ pub fn desired_routes(
     me: &str,
     underlay: &Underlay,
 ) -> BTreeMap<IpNetwork, RouteTarget> {
-    let ip_of = |node: &str, family_v4: bool| {
-        state
-            .nodes()
-            .get(node)
-            .and_then(|n| n.ip)
-            .filter(|ip| ip.is_ipv4() == family_v4)
-    };
+    let ip_of = |node: &str, family_v4: bool| state.nodes().get(node)?.address(family_v4);
     let target = |pool: &str, ip: IpAddr| {
         let mode = state
             .pools()
@@ -162,7 +157,10 @@ pub fn tunnel_peers(
             _ => None,
         })
         .filter_map(|gw| {
-            let node = state.nodes().values().find(|n| n.ip == Some(gw))?;
+            let node = state
+                .nodes()
+                .values()
+                .find(|n| n.address(gw.is_ipv4()) == Some(gw))?;
             Some((gw, parse_mac(node.vxlan_mac.as_deref()?)?))
         })
         .collect();
@@ -332,6 +330,7 @@ mod tests {
             state.put_node(NodeInfo {
                 name: name.into(),
                 ip: Some(ip.parse().unwrap()),
+                ip6: None,
                 labels: Default::default(),
                 vxlan_mac: Some(format_mac(&vxlan_mac(name))),
             });
@@ -391,6 +390,7 @@ mod tests {
             state.put_node(NodeInfo {
                 name: name.into(),
                 ip: Some(ip.parse().unwrap()),
+                ip6: None,
                 labels: Default::default(),
                 vxlan_mac: Some(format_mac(&vxlan_mac(name))),
             });
