@@ -329,27 +329,41 @@ impl Netlink {
         mtu: u32,
         mac: [u8; 6],
     ) -> Result<LinkMessage, NetlinkError> {
+        self.ensure_link(name, InfoKind::Bridge, "bridge", || {
+            LinkBridge::new(name)
+                .mtu(mtu)
+                .address(mac.to_vec())
+                .up()
+                .build()
+        })
+        .await
+    }
+
+    /// The link `name` of kind `kind`, created from `build()` when absent; a concurrent
+    /// creator is fine, an existing link of another kind is an error.
+    async fn ensure_link(
+        &self,
+        name: &str,
+        kind: InfoKind,
+        wanted: &'static str,
+        build: impl FnOnce() -> LinkMessage,
+    ) -> Result<LinkMessage, NetlinkError> {
         if let Some(link) = self.link(name).await? {
-            return check_kind(link, name, InfoKind::Bridge, "bridge");
+            return check_kind(link, name, kind, wanted);
         }
-        let msg = LinkBridge::new(name)
-            .mtu(mtu)
-            .address(mac.to_vec())
-            .up()
-            .build();
-        match self.handle.link().add(msg).execute().await {
+        match self.handle.link().add(build()).execute().await {
             Ok(()) => {}
             Err(e) if is_errno(&e, libc::EEXIST) => {}
-            Err(e) => return Err(request("create bridge", name)(e)),
+            Err(e) => return Err(request("create link", name)(e)),
         }
         let link = self
             .link(name)
             .await?
             .ok_or_else(|| NetlinkError::NotFound {
-                what: "bridge",
+                what: wanted,
                 name: name.to_string(),
             })?;
-        check_kind(link, name, InfoKind::Bridge, "bridge")
+        check_kind(link, name, kind, wanted)
     }
 
     /// Sets a link up.
@@ -526,30 +540,18 @@ impl Netlink {
         mac: [u8; 6],
         mtu: u32,
     ) -> Result<u32, NetlinkError> {
-        if let Some(link) = self.link(name).await? {
-            let link = check_kind(link, name, InfoKind::Vxlan, "vxlan")?;
-            return Ok(link.header.index);
-        }
-        let msg = rtnetlink::LinkVxlan::new(name, vni)
-            .port(port)
-            .local(local)
-            .learning(false)
-            .mtu(mtu)
-            .address(mac.to_vec())
-            .up()
-            .build();
-        match self.handle.link().add(msg).execute().await {
-            Ok(()) => {}
-            Err(e) if is_errno(&e, libc::EEXIST) => {}
-            Err(e) => return Err(request("create vxlan", name)(e)),
-        }
         let link = self
-            .link(name)
-            .await?
-            .ok_or_else(|| NetlinkError::NotFound {
-                what: "vxlan device",
-                name: name.to_string(),
-            })?;
+            .ensure_link(name, InfoKind::Vxlan, "vxlan", || {
+                rtnetlink::LinkVxlan::new(name, vni)
+                    .port(port)
+                    .local(local)
+                    .learning(false)
+                    .mtu(mtu)
+                    .address(mac.to_vec())
+                    .up()
+                    .build()
+            })
+            .await?;
         Ok(link.header.index)
     }
 
