@@ -1,5 +1,5 @@
 //! Read-only views of a network namespace through rtnetlink: its links (name, MAC, veth
-//! peer index, kind, up) and addresses. The netlink socket is opened on a thread inside the
+//! peer index, kind, up), addresses and IPv4 routes. The netlink socket is opened on a thread inside the
 //! namespace (via [`NetNs::run`]) with a single-threaded tokio runtime built there, so no
 //! runner thread ever changes namespace and nothing here writes to the kernel.
 
@@ -10,6 +10,8 @@ use ipnetwork::IpNetwork;
 use nodekit_nsutil::{NetNs, NsError};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::RouteMessageBuilder;
 
 /// Inspecting a namespace failed.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +126,79 @@ impl NetState {
 pub fn dump(ns: &NetNs) -> Result<NetState, InspectError> {
     let name = ns.path().display().to_string();
     ns.run(move || dump_here(&name))?
+}
+
+/// One IPv4 route of a namespace's tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteView {
+    /// The destination prefix.
+    pub dst: IpNetwork,
+    /// The next hop, if the route has one.
+    pub gateway: Option<IpAddr>,
+    /// The routing protocol number (`RTPROT_*`; nodekit-netd uses 78).
+    pub protocol: u8,
+}
+
+/// Dumps the IPv4 routes of `ns`.
+pub fn routes(ns: &NetNs) -> Result<Vec<RouteView>, InspectError> {
+    let name = ns.path().display().to_string();
+    ns.run(move || routes_here(&name))?
+}
+
+fn routes_here(ns: &str) -> Result<Vec<RouteView>, InspectError> {
+    let socket = |source| InspectError::Socket {
+        ns: ns.to_string(),
+        source,
+    };
+    let netlink = |source| InspectError::Netlink {
+        ns: ns.to_string(),
+        source,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(socket)?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(socket)?;
+        let task = tokio::spawn(conn);
+        let mut out = Vec::new();
+        let mut dump = handle
+            .route()
+            .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+            .execute();
+        while let Some(msg) = dump.try_next().await.map_err(netlink)? {
+            if let Some(r) = route_from(&msg) {
+                out.push(r);
+            }
+        }
+        task.abort();
+        Ok(out)
+    })
+}
+
+fn route_from(msg: &RouteMessage) -> Option<RouteView> {
+    let ip = |a: &RouteAddress| match a {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    };
+    let dst = msg
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(d) => ip(d),
+            _ => None,
+        })
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let gateway = msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(g) => ip(g),
+        _ => None,
+    });
+    Some(RouteView {
+        dst: IpNetwork::new(dst, msg.header.destination_prefix_length).ok()?,
+        gateway,
+        protocol: u8::from(msg.header.protocol),
+    })
 }
 
 fn dump_here(ns: &str) -> Result<NetState, InspectError> {

@@ -2,6 +2,9 @@
 //! Kubernetes node), a scratch directory for plugin state, and pod namespaces on demand.
 //! Everything is a drop guard, so a failing or panicking run leaves no namespace or
 //! directory behind. The root namespace's links, routes and sysctls are never touched.
+//! [`multinode`] grows it to N nodes on an underlay with etcd and `nodekit-netd`.
+
+pub mod multinode;
 
 use std::path::{Path, PathBuf};
 

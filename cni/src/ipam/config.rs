@@ -25,6 +25,12 @@ pub struct IpamNetConf {
     /// The main plugin's node name, used when `ipam.nodeName` is absent.
     #[serde(rename = "nodeName", default)]
     pub node_name: Option<String>,
+    /// The main plugin (`nodekit`, `bridge`...), to know whether it can use a borrowed address.
+    #[serde(rename = "type", default)]
+    pub plugin_type: String,
+    /// The main plugin's mode, when it is `nodekit`.
+    #[serde(default)]
+    pub mode: Option<String>,
     /// The IPAM section.
     pub ipam: IpamConf,
 }
@@ -199,6 +205,16 @@ impl IpamNetConf {
         serde_json::from_value(raw).map_err(invalid)
     }
 
+    /// Whether an address borrowed from another node's block would work for the main plugin.
+    /// Bridge wiring (the reference `bridge`, and `nodekit` in its default bridge mode) puts
+    /// the block prefix on the pod, so a borrowed address would sit on a subnet the node's
+    /// bridge does not route: such configs never borrow, they report exhaustion instead.
+    pub fn may_borrow(&self) -> bool {
+        let bridged = self.plugin_type == "bridge"
+            || (self.plugin_type == "nodekit" && self.mode.as_deref() != Some("routed"));
+        !bridged && !self.ipam.strict_affinity
+    }
+
     /// The node name to allocate for.
     pub fn node(&self) -> String {
         self.ipam
@@ -258,6 +274,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("zookeeper"), "{err}");
+    }
+
+    #[test]
+    fn only_routed_wiring_may_borrow() {
+        let conf = |json: &str| IpamNetConf::parse(json.as_bytes()).unwrap();
+        assert!(
+            conf(r#"{"type":"nodekit","mode":"routed","ipam":{"type":"nodekit-ipam"}}"#)
+                .may_borrow()
+        );
+        assert!(!conf(r#"{"type":"nodekit","ipam":{"type":"nodekit-ipam"}}"#).may_borrow());
+        assert!(!conf(r#"{"type":"bridge","ipam":{"type":"nodekit-ipam"}}"#).may_borrow());
+        assert!(!conf(
+            r#"{"type":"nodekit","mode":"routed","ipam":{"type":"nodekit-ipam","strictAffinity":true}}"#
+        )
+        .may_borrow());
     }
 
     #[test]

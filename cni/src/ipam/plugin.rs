@@ -60,7 +60,7 @@ impl Request {
     fn choice<'a>(&self, pools: Option<&'a [String]>) -> allocator::Choice<'a> {
         allocator::Choice {
             pools,
-            strict_affinity: self.conf.ipam.strict_affinity,
+            strict_affinity: !self.conf.may_borrow(),
         }
     }
 

@@ -427,6 +427,7 @@ pub struct CniRuntime {
     bin_dir: PathBuf,
     conf: ConfList,
     version: CniVersion,
+    args: String,
 }
 
 impl fmt::Debug for CniRuntime {
@@ -449,7 +450,15 @@ impl CniRuntime {
             bin_dir,
             conf,
             version,
+            args: String::new(),
         }
+    }
+
+    /// Sends `args` as `CNI_ARGS` (`K=V;K2=V2`) with every ADD, CHECK and DEL (empty by
+    /// default).
+    pub fn with_cni_args(mut self, args: impl Into<String>) -> Self {
+        self.args = args.into();
+        self
     }
 
     /// The configuration list.
@@ -638,7 +647,7 @@ impl CniRuntime {
                 ("CNI_CONTAINERID".into(), att.container_id.clone()),
                 ("CNI_NETNS".into(), att.netns.display().to_string()),
                 ("CNI_IFNAME".into(), att.ifname.clone()),
-                ("CNI_ARGS".into(), String::new()),
+                ("CNI_ARGS".into(), self.args.clone()),
                 ("CNI_PATH".into(), self.cni_path()),
             ],
             stdin: Value::Object(conf.clone()).to_string().into_bytes(),

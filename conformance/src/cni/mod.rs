@@ -4,11 +4,14 @@
 //! A *target* is one plugin list under test, with its own lab (node namespace, scratch
 //! directory) and its own name prefix: `cni[bridge]` and `cni[routed]` for nodekit's
 //! plugins (the default), `cni[reference]` for Debian's reference plugins, `cni[custom]` for
-//! any other plugin given by `--cni-bin-dir` and `--cni-config`.
+//! any other plugin given by `--cni-bin-dir` and `--cni-config`. With the default target,
+//! `cni[multinode-routed]` and `cni[multinode-bridge]` add cross-node checks, each on its own
+//! three-node lab (see [`multinode`]).
 
 pub mod checks;
 pub mod conf;
 pub mod exec;
+pub mod multinode;
 pub mod result;
 pub mod version;
 
@@ -68,6 +71,9 @@ pub enum CniSuiteError {
     /// The lab could not be set up.
     #[error(transparent)]
     Lab(#[from] LabError),
+    /// The multi-node lab could not be set up.
+    #[error("multi-node lab: {0}")]
+    MultiNode(#[from] crate::lab::multinode::MultiNodeError),
     /// The node namespace could not be opened for plugin execution.
     #[error(transparent)]
     Ns(#[from] NsError),
@@ -273,8 +279,27 @@ pub fn run(
             }
         }
     }
+    // The multi-node targets run nodekit's own plugins (with the default target only).
+    let multinode_bin_dir = match (choice, specs.first()) {
+        (CniTarget::Nodekit, Some(spec)) => Some((spec.bin_dir.clone(), spec.hint.clone())),
+        _ => None,
+    };
+    if let Some((dir, hint)) = &multinode_bin_dir {
+        for name in multinode::EXECUTABLES {
+            if !dir.join(name).is_file() {
+                return Err(CniSuiteError::MissingBinary {
+                    name: name.to_string(),
+                    dir: dir.clone(),
+                    hint: hint.clone(),
+                });
+            }
+        }
+    }
     for spec in &specs {
         run_target(spec, selected, reporter)?;
+    }
+    if let Some((dir, _)) = &multinode_bin_dir {
+        multinode::run(dir, selected, reporter)?;
     }
     Ok(())
 }
@@ -355,7 +380,7 @@ fn run_target(
 }
 
 /// Runs one check, turning its error or panic into a failure.
-fn guarded(f: impl FnOnce() -> Result<Outcome, checks::CheckError>) -> Outcome {
+pub(crate) fn guarded(f: impl FnOnce() -> Result<Outcome, checks::CheckError>) -> Outcome {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(outcome)) => outcome,
         Ok(Err(e)) => Outcome::Failed(e.to_string()),
@@ -383,6 +408,9 @@ pub fn test_names(choice: &CniTarget) -> Result<Vec<String>, CniSuiteError> {
         for check in checks::CHECKS {
             names.push(format!("{group} {}", check.name));
         }
+    }
+    if *choice == CniTarget::Nodekit {
+        names.extend(multinode::test_names());
     }
     Ok(names)
 }
