@@ -179,7 +179,14 @@ impl IpamNetConf {
         reject_unknown(
             ipam,
             "ipam",
-            &["type", "datastore", "pools", "nodeName", "routes"],
+            &[
+                "type",
+                "datastore",
+                "pools",
+                "nodeName",
+                "routes",
+                "strictAffinity",
+            ],
         )?;
         reject_unknown(
             &ipam["datastore"],
