@@ -57,6 +57,10 @@ pub const CHECKS: &[ClusterCheck] = &[
         run: pods_reach_across_nodes,
     },
     ClusterCheck {
+        name: "a pod on node 1 reaches pods on nodes 2 and 3 through VXLAN",
+        run: pods_reach_across_nodes_through_vxlan,
+    },
+    ClusterCheck {
         name: "an address borrowed from another node's block is reachable, or refused where it could not be",
         run: borrowed_address_is_reachable,
     },
@@ -306,8 +310,18 @@ fn tcp_echo(client: &NetNs, server: &NetNs, ip: IpAddr) -> Result<IpAddr, String
 }
 
 fn pods_reach_across_nodes(c: &Cluster) -> Result<Outcome, CheckError> {
+    reach_across_nodes(c, None)
+}
+
+fn pods_reach_across_nodes_through_vxlan(c: &Cluster) -> Result<Outcome, CheckError> {
+    let pools = json!([{"name": "overlay", "cidr": "10.84.0.0/16", "vxlanMode": "Always"}]);
+    reach_across_nodes(c, Some(pools))
+}
+
+/// One pod per node from `pools`; the pod on node 1 pings and TCPs the others.
+fn reach_across_nodes(c: &Cluster, pools: Option<Value>) -> Result<Outcome, CheckError> {
     let pods = (1..=NODES)
-        .map(|i| c.pod(i, None))
+        .map(|i| c.pod(i, pools.clone()))
         .collect::<Result<Vec<_>, _>>()?;
     let mut seen = std::collections::BTreeSet::new();
     if !pods.iter().all(|p| seen.insert(p.ip)) {
