@@ -20,6 +20,7 @@ const UNDERLAY_GW: &str = "10.99.0.254";
 
 /// The underlay namespace with bridge `ul0` and etcd, plus N nodes with netd running.
 struct Cluster {
+    resync_ms: u64,
     nodes: Vec<Node>,
     netds: Vec<Child>,
     etcd: Etcd,
@@ -35,6 +36,11 @@ fn runtime() -> tokio::runtime::Runtime {
 
 impl Cluster {
     fn new(n: usize) -> Self {
+        Self::with_resync(n, 200)
+    }
+
+    /// A cluster whose netds do a full pass only every `resync_ms` (changes come by watch).
+    fn with_resync(n: usize, resync_ms: u64) -> Self {
         let underlay = NamedNetNs::create(&unique_name("ul")).unwrap();
         let rt = runtime();
         let gw: IpNetwork = format!("{UNDERLAY_GW}/24").parse().unwrap();
@@ -83,6 +89,7 @@ impl Cluster {
             nodes.push(node);
         }
         let mut cluster = Self {
+            resync_ms,
             nodes,
             netds: Vec::new(),
             etcd,
@@ -101,7 +108,7 @@ impl Cluster {
             .args(["--node-ip", &format!("10.99.0.{}", i + 1)])
             .args(["--node-ip", &format!("fd99::{}", i + 1)])
             .args(["--etcd-endpoints", self.etcd.url(), "--prefix", "/lab"])
-            .args(["--interval-ms", "200"])
+            .args(["--interval-ms", &self.resync_ms.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         self.nodes[i].ns.apply_to_command(&mut cmd);
@@ -178,7 +185,7 @@ fn cross_node_pods_reach_each_other(mode: &str) {
             || pods[0].ping(&ip),
         );
     }
-    assert!(pods[2].tcp_to(&pods[1], &ips[1]), "tcp n3 -> n2");
+    eventually("tcp n3 -> n2", || pods[2].tcp_to(&pods[1], &ips[1]));
     let on_n1 = cluster.netd_routes(0);
     assert!(on_n1.iter().any(|r| r.contains("Blackhole")), "{on_n1:?}");
     assert!(on_n1.iter().any(|r| r.contains("10.99.0.3")), "{on_n1:?}");
@@ -416,4 +423,31 @@ fn ipv6_blocks_route_via_the_nodes_ipv6_addresses() {
     let added = cluster.nodes[1].add(&conf(1), "b", &b).expect_ok();
     let v6 = added.ips()[1].split('/').next().unwrap().to_string();
     eventually("a pod on n1 reaching n2's pod over IPv6", || a.ping(&v6));
+}
+
+#[test]
+fn a_new_block_reaches_the_other_nodes_through_the_watch_not_the_resync() {
+    let cluster = Cluster::with_resync(2, 60_000);
+    std::thread::sleep(Duration::from_millis(300)); // both netds did their first pass
+    let pod = Pod::new();
+    cluster.nodes[1]
+        .add(&cluster.conf(1, "routed"), "late", &pod)
+        .expect_ok();
+    let claimed = Instant::now();
+    let deadline = claimed + Duration::from_secs(5);
+    while !cluster
+        .netd_routes(0)
+        .iter()
+        .any(|r| r.contains("10.99.0.2"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no route 5 s after the claim (resync is 60 s)"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "route on n1 {} ms after n2 claimed its block",
+        claimed.elapsed().as_millis()
+    );
 }

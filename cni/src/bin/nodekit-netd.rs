@@ -37,8 +37,9 @@ struct Cli {
     /// etcd key prefix.
     #[arg(long, default_value = DEFAULT_ETCD_PREFIX)]
     prefix: String,
-    /// Milliseconds between reconcile passes.
-    #[arg(long, default_value_t = 500)]
+    /// Resync period in milliseconds: a full pass runs at least this often (datastore changes
+    /// wake netd at once through a watch; this also repairs routes changed behind its back).
+    #[arg(long, default_value_t = 2000)]
     interval_ms: u64,
     /// Reconcile once and exit.
     #[arg(long)]

@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, WatchOptions,
+};
 
 use super::model::{Block, Change, Handle, IpamState, NodeInfo, Pool};
 use super::store::Datastore;
@@ -31,6 +33,8 @@ pub struct EtcdStore {
     prefix: String,
     runtime: tokio::runtime::Runtime,
     client: Client,
+    /// The etcd revision of the last state read, where a watch resumes.
+    revision: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -66,6 +70,7 @@ impl EtcdStore {
             prefix: format!("{}/ipam/", prefix.trim_end_matches('/')),
             runtime,
             client,
+            revision: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -87,6 +92,10 @@ impl EtcdStore {
             .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| unavailable(&self.endpoints, e))?;
+        if let Some(header) = resp.header() {
+            self.revision
+                .store(header.revision(), std::sync::atomic::Ordering::Relaxed);
+        }
         let mut state = IpamState::default();
         let mut revisions = HashMap::new();
         let mut changes = Vec::new();
@@ -191,6 +200,30 @@ impl Datastore for EtcdStore {
         self.runtime
             .block_on(self.load(&mut client))
             .map(|(state, _)| state)
+    }
+
+    /// An etcd watch on the prefix from the revision after the last read: returns at the
+    /// first change (or at once if one already happened), else after `timeout`.
+    fn wait_for_change(&self, timeout: Duration) -> Result<(), IpamError> {
+        let mut client = self.client.clone();
+        let from = self.revision.load(std::sync::atomic::Ordering::Relaxed) + 1;
+        self.runtime.block_on(async {
+            let options = WatchOptions::new().with_prefix().with_start_revision(from);
+            let mut stream = client
+                .watch(self.prefix.as_str(), Some(options))
+                .await
+                .map_err(|e| unavailable(&self.endpoints, e))?;
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, stream.message()).await {
+                    Err(_) => return Ok(()),
+                    Ok(Err(e)) => return Err(unavailable(&self.endpoints, e)),
+                    Ok(Ok(None)) => return Ok(()),
+                    Ok(Ok(Some(resp))) if !resp.events().is_empty() => return Ok(()),
+                    Ok(Ok(Some(_))) => {}
+                }
+            }
+        })
     }
 }
 

@@ -440,6 +440,24 @@ impl Datastore for FileStore {
         })?;
         Ok(state)
     }
+
+    /// Polls the commit ID in the lock file (every commit changes it) every 20 ms.
+    fn wait_for_change(&self, timeout: Duration) -> Result<(), IpamError> {
+        let seen = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|c| c.fingerprint.clone()));
+        let lock = self.open_lock_file()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if Some(self.fingerprint(&lock)?) != seen {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
 }
 
 /// The record JSON of a complete line whose checksum matches; `None` for a torn write.

@@ -18,6 +18,10 @@ pub trait Datastore {
 
     /// A consistent copy of the current state, for reports.
     fn read(&self) -> Result<IpamState, IpamError>;
+
+    /// Returns once something may have changed since the last [`Datastore::read`] (or
+    /// transaction) of this handle, or after `timeout`: what a watcher such as netd waits on.
+    fn wait_for_change(&self, timeout: std::time::Duration) -> Result<(), IpamError>;
 }
 
 /// Runs `f` in a transaction and returns its value.

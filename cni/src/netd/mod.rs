@@ -206,8 +206,9 @@ pub async fn reconcile(
     Ok(done)
 }
 
-/// Registers the node, then reconciles routes and NAT every `interval`, forever (one pass
-/// when `once`). Errors of a pass are logged and retried on the next one.
+/// Registers the node, then reconciles routes and NAT at every datastore change and at least
+/// every `interval`, forever (one pass when `once`). Errors of a pass are logged and retried
+/// on the next one.
 pub fn run(
     store: &dyn Datastore,
     node: &NodeInfo,
@@ -264,7 +265,12 @@ pub fn run(
         if once {
             return Ok(());
         }
-        std::thread::sleep(interval);
+        // Woken by the datastore's next change (an etcd watch), or by the resync period,
+        // which also repairs kernel state changed behind netd's back.
+        if let Err(err) = store.wait_for_change(interval) {
+            tracing::warn!(%err, "watching the datastore failed");
+            std::thread::sleep(interval);
+        }
     }
     Ok(())
 }
