@@ -58,34 +58,11 @@ impl Cluster {
         let mut nodes = Vec::new();
         for i in 1..=n {
             let node = Node::new();
-            let port = format!("ul{i}");
-            let addr: IpNetwork = format!("10.99.0.{i}/24").parse().unwrap();
-            let addr6: IpNetwork = format!("fd99::{i}/64").parse().unwrap();
-            underlay
-                .run(|| {
-                    rt.block_on(async {
-                        let nl = Netlink::connect()?;
-                        nl.create_veth(&port, "eth0", &node.ns, 1500, None).await?;
-                        let link = nl.link(&port).await?.unwrap();
-                        let br = nl.link("ul0").await?.unwrap();
-                        nl.attach_to_bridge(link.header.index, &port, br.header.index, false)
-                            .await
-                    })
-                })
-                .unwrap()
-                .unwrap();
-            node.ns
-                .run(|| {
-                    rt.block_on(async {
-                        let nl = Netlink::connect()?;
-                        let eth0 = nl.link("eth0").await?.unwrap();
-                        nl.ensure_address(eth0.header.index, "eth0", addr).await?;
-                        nl.ensure_address(eth0.header.index, "eth0", addr6).await?;
-                        nl.set_up(eth0.header.index, "eth0").await
-                    })
-                })
-                .unwrap()
-                .unwrap();
+            let addrs = [
+                format!("10.99.0.{i}/24").parse().unwrap(),
+                format!("fd99::{i}/64").parse().unwrap(),
+            ];
+            wire_to_underlay(&underlay, &format!("ul{i}"), &node.ns, &addrs);
             nodes.push(node);
         }
         let mut cluster = Self {
@@ -256,17 +233,26 @@ fn netd_restores_a_deleted_route_and_drops_a_removed_nodes_routes() {
 /// A namespace standing for "outside the cluster", on the underlay at 10.99.0.200.
 fn outside(cluster: &Cluster) -> NamedNetNs {
     let ns = NamedNetNs::create(&unique_name("out")).unwrap();
+    wire_to_underlay(
+        &cluster.underlay,
+        "ulout",
+        &ns,
+        &["10.99.0.200/24".parse().unwrap()],
+    );
+    ns
+}
+
+/// A veth from the underlay bridge (`port`) to `eth0` in `ns`, with `addrs` on it, up.
+fn wire_to_underlay(underlay: &NamedNetNs, port: &str, ns: &NamedNetNs, addrs: &[IpNetwork]) {
     let rt = runtime();
-    let addr: IpNetwork = "10.99.0.200/24".parse().unwrap();
-    cluster
-        .underlay
+    underlay
         .run(|| {
             rt.block_on(async {
                 let nl = Netlink::connect()?;
-                nl.create_veth("ulout", "eth0", &ns, 1500, None).await?;
-                let link = nl.link("ulout").await?.unwrap();
+                nl.create_veth(port, "eth0", ns, 1500, None).await?;
+                let link = nl.link(port).await?.unwrap();
                 let br = nl.link("ul0").await?.unwrap();
-                nl.attach_to_bridge(link.header.index, "ulout", br.header.index, false)
+                nl.attach_to_bridge(link.header.index, port, br.header.index, false)
                     .await
             })
         })
@@ -276,13 +262,14 @@ fn outside(cluster: &Cluster) -> NamedNetNs {
         rt.block_on(async {
             let nl = Netlink::connect()?;
             let eth0 = nl.link("eth0").await?.unwrap();
-            nl.ensure_address(eth0.header.index, "eth0", addr).await?;
+            for addr in addrs {
+                nl.ensure_address(eth0.header.index, "eth0", *addr).await?;
+            }
             nl.set_up(eth0.header.index, "eth0").await
         })
     })
     .unwrap()
     .unwrap();
-    ns
 }
 
 /// The source address `server` sees when `client` connects to it at `ip`.

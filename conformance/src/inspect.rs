@@ -146,11 +146,30 @@ pub fn routes(ns: &NetNs) -> Result<Vec<RouteView>, InspectError> {
 }
 
 fn routes_here(ns: &str) -> Result<Vec<RouteView>, InspectError> {
+    let netlink = netlink_err(ns);
+    with_netlink(ns, |handle| async move {
+        let mut out = Vec::new();
+        let mut dump = handle
+            .route()
+            .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+            .execute();
+        while let Some(msg) = dump.try_next().await.map_err(&netlink)? {
+            if let Some(r) = route_from(&msg) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// Runs `work` with an rtnetlink handle opened in the calling thread's namespace (`ns`
+/// names it in errors).
+fn with_netlink<T, F, Fut>(ns: &str, work: F) -> Result<T, InspectError>
+where
+    F: FnOnce(rtnetlink::Handle) -> Fut,
+    Fut: std::future::Future<Output = Result<T, InspectError>>,
+{
     let socket = |source| InspectError::Socket {
-        ns: ns.to_string(),
-        source,
-    };
-    let netlink = |source| InspectError::Netlink {
         ns: ns.to_string(),
         source,
     };
@@ -161,19 +180,18 @@ fn routes_here(ns: &str) -> Result<Vec<RouteView>, InspectError> {
     rt.block_on(async {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(socket)?;
         let task = tokio::spawn(conn);
-        let mut out = Vec::new();
-        let mut dump = handle
-            .route()
-            .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
-            .execute();
-        while let Some(msg) = dump.try_next().await.map_err(netlink)? {
-            if let Some(r) = route_from(&msg) {
-                out.push(r);
-            }
-        }
+        let out = work(handle).await;
         task.abort();
-        Ok(out)
+        out
     })
+}
+
+/// Maps an rtnetlink error to [`InspectError::Netlink`] naming namespace `ns`.
+fn netlink_err(ns: &str) -> impl Fn(rtnetlink::Error) -> InspectError + '_ {
+    move |source| InspectError::Netlink {
+        ns: ns.to_string(),
+        source,
+    }
 }
 
 fn route_from(msg: &RouteMessage) -> Option<RouteView> {
@@ -202,33 +220,19 @@ fn route_from(msg: &RouteMessage) -> Option<RouteView> {
 }
 
 fn dump_here(ns: &str) -> Result<NetState, InspectError> {
-    let socket = |source| InspectError::Socket {
-        ns: ns.to_string(),
-        source,
-    };
-    let netlink = |source| InspectError::Netlink {
-        ns: ns.to_string(),
-        source,
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(socket)?;
-    rt.block_on(async {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(socket)?;
-        let task = tokio::spawn(conn);
+    let netlink = netlink_err(ns);
+    with_netlink(ns, |handle| async move {
         let mut state = NetState::default();
         let mut links = handle.link().get().execute();
-        while let Some(msg) = links.try_next().await.map_err(netlink)? {
+        while let Some(msg) = links.try_next().await.map_err(&netlink)? {
             state.links.push(link_from(msg));
         }
         let mut addrs = handle.address().get().execute();
-        while let Some(msg) = addrs.try_next().await.map_err(netlink)? {
+        while let Some(msg) = addrs.try_next().await.map_err(&netlink)? {
             if let Some(a) = addr_from(msg) {
                 state.addrs.push(a);
             }
         }
-        task.abort();
         Ok(state)
     })
 }

@@ -38,6 +38,19 @@ const NODE_SYSCTLS: &[(&str, &str)] = &[
     ("net/ipv6/conf/all/forwarding", "1"),
 ];
 
+/// A fresh node namespace `nk-<tag>-<pid>-<n>` with forwarding enabled (removed on drop).
+pub fn node_namespace(tag: &str) -> Result<NamedNetNs, LabError> {
+    let node = NamedNetNs::create(&unique_name(tag))?;
+    for (key, value) in NODE_SYSCTLS {
+        write_sysctl(&node, key, value)?.map_err(|source| LabError::Sysctl {
+            key,
+            ns: node.name().to_string(),
+            source,
+        })?;
+    }
+    Ok(node)
+}
+
 /// A node namespace and a scratch directory, removed on drop.
 #[derive(Debug)]
 pub struct Lab {
@@ -49,14 +62,7 @@ impl Lab {
     /// Creates the node namespace `nk-<tag>-<pid>-<n>` with forwarding enabled, and a fresh
     /// scratch directory.
     pub fn create(tag: &str) -> Result<Self, LabError> {
-        let node = NamedNetNs::create(&unique_name(tag))?;
-        for (key, value) in NODE_SYSCTLS {
-            write_sysctl(&node, key, value)?.map_err(|source| LabError::Sysctl {
-                key,
-                ns: node.name().to_string(),
-                source,
-            })?;
-        }
+        let node = node_namespace(tag)?;
         let scratch = tempfile::Builder::new()
             .prefix("nk-conformance-")
             .tempdir()

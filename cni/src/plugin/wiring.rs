@@ -85,10 +85,15 @@ pub async fn prepare(
         _ => false,
     };
     if !reuse {
-        if existing.is_some() {
-            node.delete_link(&host_name).await?;
-        }
-        if pod.link(at.ifname).await?.is_some() {
+        // Deleting a leftover host end may have taken a pod end with it: look again then.
+        let taken = match existing {
+            Some(_) => {
+                node.delete_link(&host_name).await?;
+                pod.link(at.ifname).await?.is_some()
+            }
+            None => pod_end.is_some(),
+        };
+        if taken {
             return Err(PluginError::InterfaceExists {
                 ifname: at.ifname.to_string(),
                 netns: at.pod_ns.path().display().to_string(),

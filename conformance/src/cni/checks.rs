@@ -4,13 +4,13 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
-use nodekit_nsutil::{unique_name, NsError};
+use nodekit_nsutil::{unique_name, NetNs, NsError};
 use serde_json::Value;
 
 use super::exec::{
@@ -432,30 +432,35 @@ fn add_assigns_addresses_in_the_pool(env: &Env) -> Result<Outcome, CheckError> {
 
 /// A TCP round trip from pod `from` to a listener in pod `to`.
 fn tcp_round_trip(from: &Pod<'_>, to: &Pod<'_>) -> Result<(), CheckError> {
-    const TIMEOUT: Duration = Duration::from_secs(5);
+    tcp_echo(from.ns()?, to.ns()?, to.ip()?)
+        .map(|_| ())
+        .map_err(|e| {
+            let source = from.ip().map(|i| i.to_string()).unwrap_or_default();
+            CheckError::Violation(format!("TCP from pod A ({source}) to pod B: {e}"))
+        })
+}
+
+/// A TCP connection from `client` to a listener bound to `ip` in `server`, echoing a
+/// payload; returns the source address the server saw.
+pub(super) fn tcp_echo(client: &NetNs, server: &NetNs, ip: IpAddr) -> Result<IpAddr, String> {
     const PAYLOAD: &[u8] = b"nodekit-conformance";
-    let target_ip = to.ip()?;
-    let any = match target_ip {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    };
-    // The socket is created inside pod B's namespace and stays there.
-    let listener = to
-        .ns()?
-        .run(move || TcpListener::bind(SocketAddr::new(any, 0)))?
-        .map_err(io_err("listen in pod B"))?;
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let listener = server
+        .run(move || TcpListener::bind((ip, 0)))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("listen on {ip}: {e}"))?;
     let port = listener
         .local_addr()
-        .map_err(io_err("listener address"))?
+        .map_err(|e| format!("listener address: {e}"))?
         .port();
     listener
         .set_nonblocking(true)
-        .map_err(io_err("listener setup"))?;
-    let dest = SocketAddr::new(target_ip, port);
+        .map_err(|e| format!("listener setup: {e}"))?;
+    let dest = SocketAddr::new(ip, port);
     std::thread::scope(|scope| {
-        let server = scope.spawn(move || -> std::io::Result<()> {
+        let served = scope.spawn(move || -> std::io::Result<IpAddr> {
             let deadline = Instant::now() + TIMEOUT;
-            let (mut stream, _) = loop {
+            let (mut stream, peer) = loop {
                 match listener.accept() {
                     Ok(conn) => break conn,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -474,31 +479,27 @@ fn tcp_round_trip(from: &Pod<'_>, to: &Pod<'_>) -> Result<(), CheckError> {
             stream.set_read_timeout(Some(TIMEOUT))?;
             let mut buf = vec![0u8; PAYLOAD.len()];
             stream.read_exact(&mut buf)?;
-            stream.write_all(&buf)
+            stream.write_all(&buf)?;
+            Ok(peer.ip())
         });
-        let client = from.ns()?.run(move || -> std::io::Result<Vec<u8>> {
-            let mut stream = TcpStream::connect_timeout(&dest, TIMEOUT)?;
-            stream.set_read_timeout(Some(TIMEOUT))?;
-            stream.write_all(PAYLOAD)?;
-            let mut buf = vec![0u8; PAYLOAD.len()];
-            stream.read_exact(&mut buf)?;
-            Ok(buf)
-        })?;
-        let served = server
+        let echoed = client
+            .run(move || -> std::io::Result<Vec<u8>> {
+                let mut stream = TcpStream::connect_timeout(&dest, TIMEOUT)?;
+                stream.set_read_timeout(Some(TIMEOUT))?;
+                stream.write_all(PAYLOAD)?;
+                let mut buf = vec![0u8; PAYLOAD.len()];
+                stream.read_exact(&mut buf)?;
+                Ok(buf)
+            })
+            .map_err(|e| e.to_string())?;
+        let served = served
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("server thread panicked")));
-        match (client, served) {
-            (Ok(echo), Ok(())) if echo == PAYLOAD => Ok(()),
-            (Ok(_), Ok(())) => Err(CheckError::Violation(format!(
-                "TCP to {dest}: the echo came back altered"
-            ))),
-            (Err(e), _) => Err(CheckError::Violation(format!(
-                "TCP from pod A ({}) to pod B at {dest} failed: {e}",
-                from.ip().map(|i| i.to_string()).unwrap_or_default()
-            ))),
-            (_, Err(e)) => Err(CheckError::Violation(format!(
-                "TCP to {dest}: pod B's listener saw: {e}"
-            ))),
+        match (echoed, served) {
+            (Ok(echo), Ok(peer)) if echo == PAYLOAD => Ok(peer),
+            (Ok(_), Ok(_)) => Err(format!("TCP to {dest}: the echo came back altered")),
+            (Err(e), _) => Err(format!("TCP to {dest}: {e}")),
+            (_, Err(e)) => Err(format!("TCP to {dest}: the listener saw: {e}")),
         }
     })
 }

@@ -5,8 +5,7 @@
 //! `nodeName` `nN`; routes and reachability are observed from the outside (netlink dumps,
 //! ping, TCP), never through nodekit's crates.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use ipnetwork::IpNetwork;
 use nodekit_nsutil::{unique_name, NetNs};
 use serde_json::{json, Value};
 
-use super::checks::CheckError;
+use super::checks::{tcp_echo, CheckError};
 use super::conf::ConfList;
 use super::exec::{Attachment, CallError, CniRuntime, NetnsExec, DEFAULT_TIMEOUT};
 use super::{nodekit_conflist, result, CniSuiteError, SUITE};
@@ -243,70 +242,6 @@ fn ping(from: &NetNs, ip: IpAddr) -> Result<(), String> {
             from.path().display()
         ))
     }
-}
-
-/// A TCP connection from `client` to a listener bound to `ip` in `server`, echoing a
-/// payload; returns the source address the server saw.
-fn tcp_echo(client: &NetNs, server: &NetNs, ip: IpAddr) -> Result<IpAddr, String> {
-    const PAYLOAD: &[u8] = b"nodekit-multinode";
-    const TIMEOUT: Duration = Duration::from_secs(2);
-    let listener = server
-        .run(move || TcpListener::bind((ip, 0)))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("listen on {ip}: {e}"))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| format!("listener address: {e}"))?
-        .port();
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("listener setup: {e}"))?;
-    let dest = SocketAddr::new(ip, port);
-    std::thread::scope(|scope| {
-        let served = scope.spawn(move || -> std::io::Result<IpAddr> {
-            let deadline = Instant::now() + TIMEOUT;
-            let (mut stream, peer) = loop {
-                match listener.accept() {
-                    Ok(conn) => break conn,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if Instant::now() > deadline {
-                            return Err(std::io::Error::new(
-                                std::io::ErrorKind::TimedOut,
-                                "no connection arrived",
-                            ));
-                        }
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            stream.set_nonblocking(false)?;
-            stream.set_read_timeout(Some(TIMEOUT))?;
-            let mut buf = vec![0u8; PAYLOAD.len()];
-            stream.read_exact(&mut buf)?;
-            stream.write_all(&buf)?;
-            Ok(peer.ip())
-        });
-        let echoed = client
-            .run(move || -> std::io::Result<Vec<u8>> {
-                let mut stream = TcpStream::connect_timeout(&dest, TIMEOUT)?;
-                stream.set_read_timeout(Some(TIMEOUT))?;
-                stream.write_all(PAYLOAD)?;
-                let mut buf = vec![0u8; PAYLOAD.len()];
-                stream.read_exact(&mut buf)?;
-                Ok(buf)
-            })
-            .map_err(|e| e.to_string())?;
-        let served = served
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("server thread panicked")));
-        match (echoed, served) {
-            (Ok(echo), Ok(peer)) if echo == PAYLOAD => Ok(peer),
-            (Ok(_), Ok(_)) => Err(format!("TCP to {dest}: the echo came back altered")),
-            (Err(e), _) => Err(format!("TCP to {dest}: {e}")),
-            (_, Err(e)) => Err(format!("TCP to {dest}: the listener saw: {e}")),
-        }
-    })
 }
 
 fn pods_reach_across_nodes(c: &Cluster) -> Result<Outcome, CheckError> {

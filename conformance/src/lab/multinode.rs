@@ -15,13 +15,13 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use nodekit_nsutil::{unique_name, write_sysctl, NamedNetNs, NetNs, NsError};
+use nodekit_nsutil::{unique_name, NamedNetNs, NetNs, NsError};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec};
 use tokio::runtime::Runtime;
 
-use super::{PodNs, NODE_SYSCTLS};
+use super::{node_namespace, PodNs};
 
 /// The underlay bridge's address: etcd listens here.
 pub const UNDERLAY_GW: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
@@ -47,17 +47,9 @@ pub enum MultiNodeError {
     /// A namespace could not be created or entered (needs root).
     #[error("{0} (the multi-node lab needs root: CAP_SYS_ADMIN and CAP_NET_ADMIN)")]
     Ns(#[from] NsError),
-    /// A sysctl could not be written inside a node namespace.
-    #[error("cannot set {key} in the node namespace {ns}: {source}")]
-    Sysctl {
-        /// The sysctl key.
-        key: &'static str,
-        /// The node namespace.
-        ns: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A node namespace could not be set up.
+    #[error(transparent)]
+    Node(#[from] super::LabError),
     /// A tokio runtime or netlink socket could not be created.
     #[error("cannot open a netlink socket in {ns}: {source}")]
     Socket {
@@ -152,15 +144,7 @@ impl MultiNodeLab {
         let bridge = rt.block_on(ensure_underlay_bridge(&ul))?;
         lab.start_etcd()?;
         for i in 1..=n {
-            let node = NamedNetNs::create(&unique_name("node"))?;
-            for (key, value) in NODE_SYSCTLS {
-                write_sysctl(&node, key, value)?.map_err(|source| MultiNodeError::Sysctl {
-                    key,
-                    ns: node.name().to_string(),
-                    source,
-                })?;
-            }
-            lab.nodes.push(node);
+            lab.nodes.push(node_namespace("node")?);
             let node = &lab.nodes[i - 1];
             rt.block_on(wire_to_underlay(&ul, bridge, &format!("ul{i}"), node))?;
             configure_eth0(node, node_ip(i))?;
