@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Etcd, Node, Pod};
+use common::{nodekitctl, Etcd, Node, Pod};
 use nodekit_cni::ipam::allocator;
 use nodekit_cni::ipam::etcd_store::EtcdStore;
 use nodekit_cni::ipam::model::{Handle, Pool};
@@ -107,24 +107,18 @@ fn the_plugins_work_over_etcd_and_nodekitctl_reads_the_same_store() {
     let again = node.add(&conf, "a", &a).expect_ok();
     assert_eq!(again.ips(), ra.ips());
     node.del(&conf, "a", Some(&a)).expect_ok();
-    let mut ctl = std::process::Command::new(env!("CARGO_BIN_EXE_nodekitctl"));
-    ctl.args([
-        "--datastore",
-        "etcd",
-        "--etcd-endpoints",
-        Etcd::URL,
-        "--prefix",
-        "/nk-e2e",
-        "ipam",
-        "show",
-    ]);
-    node.ns.apply_to_command(&mut ctl);
-    let out = ctl.output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = nodekitctl(
+        Some(&node.ns),
+        &[
+            "--datastore",
+            "etcd",
+            "--etcd-endpoints",
+            Etcd::URL,
+            "--prefix",
+            "/nk-e2e",
+            "ipam",
+            "show",
+        ],
     );
     assert!(
         text.contains("n1=1"),
@@ -156,24 +150,16 @@ fn node_labels_select_pools_and_removing_a_node_releases_its_addresses() {
     let node = Node::new();
     let _etcd = Etcd::start(&node.ns);
     let ctl = |args: &[&str]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nodekitctl"));
-        cmd.args([
+        let etcd = [
             "--datastore",
             "etcd",
             "--etcd-endpoints",
             Etcd::URL,
             "--prefix",
             "/nk-sel",
-        ])
-        .args(args);
-        node.ns.apply_to_command(&mut cmd);
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        ];
+        let full: Vec<&str> = etcd.iter().chain(args).copied().collect();
+        nodekitctl(Some(&node.ns), &full)
     };
     ctl(&[
         "ipam",

@@ -50,20 +50,6 @@ fn run_and_kill(
     let _ = child.wait();
 }
 
-fn ctl(node: &Node, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_nodekitctl"))
-        .args(["--path", node.store_path().to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 #[test]
 fn sigkill_anywhere_in_add_or_del_leaks_nothing_after_check_and_release() {
     let node = Node::new();
@@ -107,8 +93,8 @@ fn sigkill_anywhere_in_add_or_del_leaks_nothing_after_check_and_release() {
         // The runtime gives up on the sandbox: its namespace goes away.
         drop(pod);
     }
-    ctl(&node, &["ipam", "release", "--from-check"]);
-    assert!(ctl(&node, &["ipam", "check"]).contains("no leaked"));
+    node.ctl(&["ipam", "release", "--from-check"]);
+    assert!(node.ctl(&["ipam", "check"]).contains("no leaked"));
     assert_eq!(node.allocated(), 0, "an address leaked");
     // The kernel tears a dead namespace down asynchronously, its veth ends with it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -104,6 +104,20 @@ impl Cluster {
         conf
     }
 
+    /// `nodekitctl` against the lab's etcd, run in the underlay namespace.
+    fn ctl(&self, args: &[&str]) -> String {
+        let etcd = [
+            "--datastore",
+            "etcd",
+            "--etcd-endpoints",
+            self.etcd.url(),
+            "--prefix",
+            "/lab",
+        ];
+        let full: Vec<&str> = etcd.iter().chain(args).copied().collect();
+        common::nodekitctl(Some(&self.underlay), &full)
+    }
+
     /// IPv4 routes of node `i` with protocol 78, as (destination, gateway) text.
     fn netd_routes(&self, i: usize) -> Vec<String> {
         let rt = runtime();
@@ -210,23 +224,7 @@ fn netd_restores_a_deleted_route_and_drops_a_removed_nodes_routes() {
         .unwrap();
     eventually("the deleted route coming back", || via_n2(&cluster));
     // Remove n2 from the datastore: n1 drops its routes to it.
-    let mut ctl = Command::new(env!("CARGO_BIN_EXE_nodekitctl"));
-    ctl.args([
-        "--datastore",
-        "etcd",
-        "--etcd-endpoints",
-        cluster.etcd.url(),
-        "--prefix",
-        "/lab",
-    ])
-    .args(["node", "remove", "n2"]);
-    cluster.underlay.apply_to_command(&mut ctl);
-    let out = ctl.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.ctl(&["node", "remove", "n2"]);
     eventually("n1 dropping routes to n2", || !via_n2(&cluster));
 }
 
@@ -312,16 +310,7 @@ fn nat_outgoing_masquerades_traffic_leaving_the_pools_only() {
     });
     // Turning it off removes the masquerade: the outside then sees the pod address (and, with
     // no route back, the connection fails).
-    let mut ctl = Command::new(env!("CARGO_BIN_EXE_nodekitctl"));
-    ctl.args([
-        "--datastore",
-        "etcd",
-        "--etcd-endpoints",
-        cluster.etcd.url(),
-        "--prefix",
-        "/lab",
-    ])
-    .args([
+    cluster.ctl(&[
         "ipam",
         "pool",
         "add",
@@ -330,8 +319,6 @@ fn nat_outgoing_masquerades_traffic_leaving_the_pools_only() {
         "--block-size",
         "26",
     ]);
-    cluster.underlay.apply_to_command(&mut ctl);
-    assert!(ctl.output().unwrap().status.success());
     eventually("masquerade removed", || {
         seen_source(&pod.ns, &world, "10.99.0.200") != Some("10.99.0.1".parse().unwrap())
     });

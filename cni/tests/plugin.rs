@@ -222,23 +222,7 @@ fn exhaustion_is_specific_reported_by_status_and_relieved_by_release_or_a_new_po
     node.add(&conf, "ctr-5", &pods[5]).expect_ok();
     // Full again; adding a pool with the CLI makes the next ADD succeed.
     assert_eq!(node.add(&conf, "ctr-0", &pods[0]).code(), 100);
-    let ctl = std::process::Command::new(env!("CARGO_BIN_EXE_nodekitctl"))
-        .args([
-            "--path",
-            node.store_path().to_str().unwrap(),
-            "ipam",
-            "pool",
-            "add",
-            "more",
-            "10.78.0.0/24",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        ctl.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ctl.stderr)
-    );
+    node.ctl(&["ipam", "pool", "add", "more", "10.78.0.0/24"]);
     let relieved = node.add(&conf, "ctr-0", &pods[0]).expect_ok();
     assert!(
         relieved.ip().starts_with("10.78.0."),
@@ -473,19 +457,7 @@ fn ipam_check_finds_and_release_frees_a_leaked_attachment() {
     node.add(&conf, "kept", &kept).expect_ok();
     node.add(&conf, "leaked", &leaked).expect_ok();
     drop(leaked); // the runtime lost the pod without calling DEL
-    let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodekitctl"))
-            .args(["--path", node.store_path().to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
+    let ctl = |args: &[&str]| node.ctl(args);
     let report = ctl(&["ipam", "check"]);
     assert!(
         report.contains("nk-test.leaked.eth0") && !report.contains("kept"),

@@ -396,3 +396,32 @@ impl Drop for Etcd {
         self.stop();
     }
 }
+
+/// Runs the built `nodekitctl` with `args` (inside `ns` when given), asserts it succeeded and
+/// returns what it printed.
+pub fn nodekitctl(ns: Option<&NetNs>, args: &[&str]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodekitctl"));
+    cmd.args(args);
+    if let Some(ns) = ns {
+        ns.apply_to_command(&mut cmd);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "nodekitctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+impl Node {
+    /// `nodekitctl --path <this node's file store> ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let path = self.store_path().display().to_string();
+        let full: Vec<&str> = ["--path", path.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        nodekitctl(None, &full)
+    }
+}
