@@ -3,10 +3,12 @@
 //! namespaces, and report every check as passed, skipped (with a reason) or failed (with a
 //! message), on the terminal, as JSON and as JUnit.
 //!
-//! Suites: `cni` (see [`cni`]).
+//! Suites: `cni` (see [`cni`]), `device-plugin` (see [`device_plugin`]), `csi` (see [`csi`]).
 
 pub mod bench;
 pub mod cni;
+pub mod csi;
+pub mod device_plugin;
 pub mod inspect;
 pub mod lab;
 pub mod report;
@@ -18,7 +20,7 @@ use regex::Regex;
 use crate::report::{ReportError, Reporter, Summary};
 
 /// The suites this runner knows, in run order.
-pub const SUITES: &[&str] = &[cni::SUITE];
+pub const SUITES: &[&str] = &[cni::SUITE, device_plugin::SUITE, csi::SUITE];
 
 /// What to run and where to report it.
 #[derive(Debug, Clone)]
@@ -35,6 +37,10 @@ pub struct RunOptions {
     pub json: Option<PathBuf>,
     /// The plugins suite `cni` runs against.
     pub cni: cni::CniTarget,
+    /// The plugin suite `device-plugin` runs against.
+    pub device_plugin: device_plugin::DevicePluginTarget,
+    /// The driver suite `csi` runs against.
+    pub csi: csi::CsiTarget,
 }
 
 /// Why a run could not complete (failing checks are not errors: they are in the summary).
@@ -49,6 +55,12 @@ pub enum RunError {
     /// Suite `cni` could not be set up.
     #[error("suite cni: {0}")]
     Cni(#[from] cni::CniSuiteError),
+    /// Suite `device-plugin` could not be set up.
+    #[error("suite device-plugin: {0}")]
+    DevicePlugin(#[from] device_plugin::DevicePluginSuiteError),
+    /// Suite `csi` could not be set up.
+    #[error("suite csi: {0}")]
+    Csi(#[from] csi::CsiSuiteError),
     /// A report could not be written.
     #[error(transparent)]
     Report(#[from] ReportError),
@@ -88,11 +100,17 @@ pub fn run(opts: &RunOptions, reporter: &mut Reporter) -> Result<Summary, RunErr
     let selects = |name: &str| opts.selects(name);
     let mut outcome = Ok(());
     for suite in suites {
-        if suite == cni::SUITE {
-            if let Err(e) = cni::run(&opts.cni, &selects, reporter) {
-                outcome = Err(RunError::from(e));
-                break;
+        let result = match suite {
+            cni::SUITE => cni::run(&opts.cni, &selects, reporter).map_err(RunError::from),
+            device_plugin::SUITE => {
+                device_plugin::run(&opts.device_plugin, &selects, reporter).map_err(RunError::from)
             }
+            csi::SUITE => csi::run(&opts.csi, &selects, reporter).map_err(RunError::from),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            outcome = Err(e);
+            break;
         }
     }
     let summary = reporter.finish();
@@ -117,6 +135,8 @@ mod tests {
             junit: None,
             json: None,
             cni: cni::CniTarget::Reference,
+            device_plugin: device_plugin::DevicePluginTarget::Nodekit,
+            csi: csi::CsiTarget::Nodekit,
         }
     }
 
@@ -134,12 +154,18 @@ mod tests {
     #[test]
     fn unknown_suites_are_rejected_listing_the_known_ones() {
         let mut o = opts();
-        assert_eq!(o.suites().expect("all"), vec!["cni"]);
+        assert_eq!(
+            o.suites().expect("all"),
+            vec!["cni", "device-plugin", "csi"]
+        );
         o.suites = vec!["cni".into(), "cni".into()];
         assert_eq!(o.suites().expect("dedup"), vec!["cni"]);
-        o.suites = vec!["csi".into()];
+        o.suites = vec!["no-such-suite".into()];
         let err = o.suites().unwrap_err();
-        assert_eq!(err.to_string(), "unknown suite \"csi\"; known suites: cni");
+        assert_eq!(
+            err.to_string(),
+            "unknown suite \"no-such-suite\"; known suites: cni, device-plugin, csi"
+        );
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nodekit_conformance::cni::CniTarget;
+use nodekit_conformance::csi::CsiTarget;
+use nodekit_conformance::device_plugin::DevicePluginTarget;
 use nodekit_conformance::report::Reporter;
 use nodekit_conformance::{run, RunOptions};
 use regex::Regex;
@@ -14,12 +16,16 @@ use regex::Regex;
 ///
 /// Suite `cni` drives a CNI plugin only through the CNI exec protocol, the way a container
 /// runtime does. By default it tests nodekit's own plugins (`nodekit`, `nodekit-ipam`, found
-/// beside this executable) in bridge and routed mode. Prints a line per test and a final
+/// beside this executable) in bridge and routed mode. Suite `device-plugin` plays the kubelet
+/// against a device plugin (by default `nodekit-device-plugin`, beside this executable) on a
+/// temp device lab. Suite `csi` drives a CSI driver over gRPC (by default `nodekit-csi`,
+/// beside this executable, on a temp lab) through real stage/publish mounts. Prints a line per test and a final
 /// `N passed, N failed, N skipped`; exits 1 if any test failed, 2 if the run could not start.
 #[derive(Debug, Parser)]
 #[command(name = "nodekit-conformance", version)]
 struct Cli {
-    /// Run only this suite (repeatable); without it every suite runs. Known: cni.
+    /// Run only this suite (repeatable); without it every suite runs. Known: cni,
+    /// device-plugin, csi.
     #[arg(long = "suite", value_name = "NAME")]
     suites: Vec<String>,
 
@@ -52,6 +58,37 @@ struct Cli {
     /// nodekit's.
     #[arg(long, conflicts_with_all = ["cni_bin_dir", "cni_config"])]
     reference: bool,
+
+    /// Device plugin command for suite device-plugin instead of nodekit-device-plugin, split
+    /// on spaces; `{config}`, `{dir}`, `{devices}` and `{gpu-root}` become the lab's config
+    /// file, device plugin directory, device node directory and fake NVIDIA root.
+    #[arg(long, value_name = "CMD")]
+    device_plugin_cmd: Option<String>,
+
+    /// A CSI driver already serving at this endpoint (unix:///path.sock) for suite csi,
+    /// instead of starting nodekit-csi (found beside this executable) on a temp lab.
+    #[arg(long, value_name = "ENDPOINT")]
+    csi_endpoint: Option<String>,
+
+    /// With --csi-endpoint: the directory under which suite csi makes its staging and target
+    /// paths (the driver must accept paths there).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/kubelet",
+        requires = "csi_endpoint"
+    )]
+    csi_kubelet_root: PathBuf,
+}
+
+/// The path of a `unix://` endpoint.
+fn unix_path(endpoint: &str) -> PathBuf {
+    PathBuf::from(
+        endpoint
+            .strip_prefix("unix://")
+            .or_else(|| endpoint.strip_prefix("unix:"))
+            .unwrap_or(endpoint),
+    )
 }
 
 fn main() -> ExitCode {
@@ -69,6 +106,19 @@ fn main() -> ExitCode {
         (false, Some(bin_dir), Some(config)) => CniTarget::Custom { bin_dir, config },
         _ => CniTarget::Nodekit,
     };
+    let device_plugin = match cli.device_plugin_cmd {
+        Some(cmd) => {
+            DevicePluginTarget::Command(cmd.split_whitespace().map(String::from).collect())
+        }
+        None => DevicePluginTarget::Nodekit,
+    };
+    let csi = match cli.csi_endpoint {
+        Some(endpoint) => CsiTarget::Endpoint {
+            socket: unix_path(&endpoint),
+            kubelet_root: cli.csi_kubelet_root,
+        },
+        None => CsiTarget::Nodekit,
+    };
     let opts = RunOptions {
         suites: cli.suites,
         focus: cli.focus,
@@ -76,6 +126,8 @@ fn main() -> ExitCode {
         junit: cli.junit,
         json: cli.json,
         cni,
+        device_plugin,
+        csi,
     };
     let mut reporter = Reporter::new(Box::new(std::io::stdout()));
     match run(&opts, &mut reporter) {

@@ -39,6 +39,7 @@ fn the_reference_plugins_pass_the_core_checks_and_the_report_is_honest() {
     let junit_path = dir.path().join("report.xml");
     let out = Command::new(env!("CARGO_BIN_EXE_nodekit-conformance"))
         .arg("--reference")
+        .args(["--suite", "cni"])
         .arg("--json")
         .arg(&json_path)
         .arg("--junit")

@@ -1,0 +1,150 @@
+//! The startup reconcile: makes the kernel match the state files after a crash or restart.
+//! Clears creates that never finished, re-attaches and re-mounts what staged volumes need,
+//! forgets publications whose mounts are gone, and detaches loop devices on pool images
+//! that no staged volume owns. It never deletes an image that a ready record names, and
+//! leaves any device that is still mounted somewhere.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use crate::driver::Driver;
+use crate::error::CsiError;
+use crate::image;
+use crate::loopdev::LoopDevice;
+use crate::state::{AccessRecord, Kind, NodeRecord, Phase, SnapshotRecord, VolumeRecord};
+
+/// What the reconcile changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Volumes and snapshots whose interrupted create was cleared.
+    pub cleared: Vec<String>,
+    /// Staged volumes whose loop device was attached again.
+    pub reattached: Vec<String>,
+    /// Staged volumes whose staging mount was made again.
+    pub remounted: Vec<String>,
+    /// Loop devices detached because no staged volume owns their image.
+    pub detached: Vec<LoopDevice>,
+}
+
+impl Driver {
+    /// Runs the reconcile for the services this process serves.
+    pub fn reconcile(&self) -> Result<Reconciled, CsiError> {
+        let mut done = Reconciled::default();
+        if self.config.mode.controller() {
+            self.clear_interrupted_creates(&mut done)?;
+        }
+        if self.config.mode.node() {
+            let owned = self.restore_staged(&mut done)?;
+            self.detach_orphans(&owned, &mut done)?;
+        }
+        tracing::info!(?done, "startup reconcile finished");
+        Ok(done)
+    }
+
+    fn clear_interrupted_creates(&self, done: &mut Reconciled) -> Result<(), CsiError> {
+        for v in self.store.list::<VolumeRecord>(Kind::Volumes)? {
+            if v.phase == Phase::Creating {
+                if let Some(id) = crate::ids::VolumeId::parse(&v.id) {
+                    image::remove(&self.volume_image(&id))?;
+                    self.store.remove(Kind::Volumes, id.as_str())?;
+                    done.cleared.push(v.id);
+                }
+            }
+        }
+        for s in self.store.list::<SnapshotRecord>(Kind::Snapshots)? {
+            if s.phase == Phase::Creating {
+                if let Some(id) = crate::ids::SnapshotId::parse(&s.id) {
+                    image::remove(&self.snapshot_image(&id))?;
+                    self.store.remove(Kind::Snapshots, id.as_str())?;
+                    done.cleared.push(s.id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-attaches and re-mounts staged volumes; returns the images they own.
+    fn restore_staged(&self, done: &mut Reconciled) -> Result<BTreeSet<PathBuf>, CsiError> {
+        let mut owned = BTreeSet::new();
+        for mut rec in self.store.list::<NodeRecord>(Kind::Node)? {
+            owned.insert(rec.image.clone());
+            if !rec.image.exists() {
+                tracing::warn!(volume = %rec.volume_id, image = %rec.image.display(), "staged volume's image is missing");
+                continue;
+            }
+            let device = match self.loops.find(&rec.image)?.into_iter().next() {
+                Some(d) => d,
+                None => {
+                    let d = self.loops.attach(&rec.image)?;
+                    done.reattached.push(rec.volume_id.clone());
+                    d
+                }
+            };
+            if let AccessRecord::Mount {
+                fs_type,
+                mount_flags,
+            } = &rec.access
+            {
+                let mounted = self
+                    .mounter
+                    .mounted_at(&rec.staging_path)?
+                    .is_some_and(|m| Path::new(&m.source) == device.path());
+                if !mounted {
+                    let options = crate::stage::fs_options(*fs_type, mount_flags)?;
+                    match self.mounter.mount_fs(
+                        &device.path(),
+                        &rec.staging_path,
+                        fs_type.name(),
+                        &options,
+                    ) {
+                        Ok(()) => done.remounted.push(rec.volume_id.clone()),
+                        Err(e) => {
+                            tracing::warn!(volume = %rec.volume_id, error = %e, "could not re-mount the staging path")
+                        }
+                    }
+                }
+            }
+            let before = rec.publications.len();
+            let mut gone = Vec::new();
+            for target in rec.publications.keys() {
+                if self.mounter.mounted_at(target)?.is_none() {
+                    gone.push(target.clone());
+                }
+            }
+            for target in gone {
+                rec.publications.remove(&target);
+            }
+            if rec.publications.len() != before {
+                self.store.put(Kind::Node, &rec.volume_id, &rec)?;
+            }
+        }
+        Ok(owned)
+    }
+
+    fn detach_orphans(
+        &self,
+        owned: &BTreeSet<PathBuf>,
+        done: &mut Reconciled,
+    ) -> Result<(), CsiError> {
+        let mounts = self.mounter.mounts()?;
+        let dirs = self.image_dirs();
+        for attached in self.loops.list()? {
+            let in_pool = dirs.iter().any(|d| attached.backing.parent() == Some(*d));
+            if !in_pool || (owned.contains(&attached.backing) && !attached.deleted) {
+                continue;
+            }
+            let dev = attached.device.path();
+            let node_name = format!("/{}", attached.device.name());
+            let in_use = mounts
+                .iter()
+                .any(|m| Path::new(&m.source) == dev || m.root == Path::new(&node_name));
+            if in_use {
+                tracing::warn!(device = %attached.device, backing = %attached.backing.display(), "unowned loop device is still mounted; leaving it");
+                continue;
+            }
+            self.loops.detach(attached.device)?;
+            done.detached.push(attached.device);
+        }
+        Ok(())
+    }
+}
