@@ -13,9 +13,11 @@ use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessa
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
 };
-use netlink_packet_route::neighbour::NeighbourState;
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
 use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope, RouteType};
-use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use nodekit_nsutil::{NetNs, NsError};
 use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder,
@@ -530,7 +532,8 @@ impl Netlink {
     }
 
     /// Makes sure a VXLAN device exists and is up (VNI, UDP port, local address, MAC, MTU,
-    /// no learning: netd programs FDB and neighbour entries itself). Returns its index.
+    /// no learning: netd programs FDB and neighbour entries itself); an existing one gets
+    /// `mtu` if it has another. Returns its index.
     pub async fn ensure_vxlan(
         &self,
         name: &str,
@@ -552,6 +555,9 @@ impl Netlink {
                     .build()
             })
             .await?;
+        if link_mtu(&link) != Some(mtu) {
+            self.set_mtu(link.header.index, name, mtu).await?;
+        }
         Ok(link.header.index)
     }
 
@@ -566,15 +572,18 @@ impl Netlink {
             .neighbours()
             .add_bridge(device, &mac)
             .destination(remote)
-            .flags(netlink_packet_route::neighbour::NeighbourFlags::Own)
+            .flags(NeighbourFlags::Own)
             .replace()
             .execute()
             .await
             .map_err(request("add fdb entry", remote))
     }
 
-    /// The address (with prefix) configured on some interface that equals `ip`.
-    pub async fn subnet_of(&self, ip: IpAddr) -> Result<Option<IpNetwork>, NetlinkError> {
+    /// The interface that has `ip` configured, with that address and its prefix.
+    pub async fn link_with_address(
+        &self,
+        ip: IpAddr,
+    ) -> Result<Option<(LinkMessage, IpNetwork)>, NetlinkError> {
         for link in self.links().await? {
             if let Some(net) = self
                 .addresses(link.header.index)
@@ -582,10 +591,106 @@ impl Netlink {
                 .into_iter()
                 .find(|n| n.ip() == ip)
             {
-                return Ok(Some(net));
+                return Ok(Some((link, net)));
             }
         }
         Ok(None)
+    }
+
+    /// The FDB entries of VXLAN device `device` that send a MAC to a remote (one per MAC
+    /// and remote; the device's own multicast addresses are left out).
+    pub async fn fdb_entries(&self, device: u32) -> Result<Vec<([u8; 6], IpAddr)>, NetlinkError> {
+        let msgs = self
+            .dump("fdb", || {
+                let mut msg = NeighbourMessage::default();
+                msg.header.family = AddressFamily::Bridge;
+                RouteNetlinkMessage::GetNeighbour(msg)
+            })
+            .await?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == device => {
+                    let mac = neighbour_mac(&n)?;
+                    let remote = n.attributes.iter().find_map(|a| match a {
+                        NeighbourAttribute::Destination(d) => neighbour_ip(d),
+                        _ => None,
+                    })?;
+                    Some((mac, remote))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Deletes the FDB entry sending `mac` to `remote` on `device`; already gone is fine.
+    pub async fn delete_fdb(
+        &self,
+        device: u32,
+        mac: [u8; 6],
+        remote: IpAddr,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = device;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes = vec![
+            NeighbourAttribute::LinkLayerAddress(mac.to_vec()),
+            NeighbourAttribute::Destination(remote.into()),
+        ];
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+            Err(e) => Err(request("delete fdb entry", remote)(e)),
+        }
+    }
+
+    /// The permanent neighbour entries (IPv4 and IPv6) on interface `index`: the ones
+    /// [`Netlink::ensure_neighbour`] makes, not those the kernel resolves by itself.
+    pub async fn permanent_neighbours(
+        &self,
+        index: u32,
+    ) -> Result<Vec<(IpAddr, [u8; 6])>, NetlinkError> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let msgs = self
+                .dump("neighbours", || {
+                    let mut msg = NeighbourMessage::default();
+                    msg.header.family = family;
+                    RouteNetlinkMessage::GetNeighbour(msg)
+                })
+                .await?;
+            out.extend(msgs.into_iter().filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n)
+                    if n.header.ifindex == index && n.header.state == NeighbourState::Permanent =>
+                {
+                    let ip = n.attributes.iter().find_map(|a| match a {
+                        NeighbourAttribute::Destination(d) => neighbour_ip(d),
+                        _ => None,
+                    })?;
+                    Some((ip, neighbour_mac(&n)?))
+                }
+                _ => None,
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Deletes the neighbour entry for `ip` on interface `index`; already gone is fine.
+    pub async fn delete_neighbour(&self, index: u32, ip: IpAddr) -> Result<(), NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = if ip.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        msg.header.ifindex = index;
+        msg.attributes = vec![NeighbourAttribute::Destination(ip.into())];
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+            Err(e) => Err(request("delete neighbour", ip)(e)),
+        }
     }
 
     /// A permanent neighbour entry, so the pod never has to resolve its gateway.
@@ -636,6 +741,38 @@ pub fn link_kind(link: &LinkMessage) -> Option<InfoKind> {
         }),
         _ => None,
     })
+}
+
+/// The link's MTU.
+pub fn link_mtu(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(mtu) => Some(*mtu),
+        _ => None,
+    })
+}
+
+/// A neighbour or FDB entry's link-layer address, when it is a MAC.
+fn neighbour_mac(n: &NeighbourMessage) -> Option<[u8; 6]> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(mac) => mac.as_slice().try_into().ok(),
+        _ => None,
+    })
+}
+
+/// An entry's destination as an IP address (FDB dumps carry it as raw bytes).
+fn neighbour_ip(addr: &NeighbourAddress) -> Option<IpAddr> {
+    match addr {
+        NeighbourAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        NeighbourAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        NeighbourAddress::Other(bytes) => match bytes.len() {
+            4 => <[u8; 4]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(bytes.as_slice())
+                .ok()
+                .map(IpAddr::from),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// The link's MAC in colon form.

@@ -1,6 +1,6 @@
 //! Several nodes, each a namespace wired to an underlay bridge that lives in its own
 //! namespace (with etcd on it), one `nodekit-netd` per node: pods reach pods on other nodes,
-//! and a removed node's routes disappear everywhere.
+//! and a removed node's routes and VXLAN entries disappear everywhere.
 
 #![allow(clippy::unwrap_used)] // test harness: a failed setup step should panic
 
@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{Etcd, Node, Pod};
 use ipnetwork::IpNetwork;
-use nodekit_cni::netlink::Netlink;
+use nodekit_cni::netd::{vxlan_mac, VXLAN_DEVICE};
+use nodekit_cni::netlink::{link_mtu, Netlink, NetlinkError};
 use nodekit_nsutil::{unique_name, NamedNetNs};
 use serde_json::{json, Value};
 
@@ -36,11 +37,16 @@ fn runtime() -> tokio::runtime::Runtime {
 
 impl Cluster {
     fn new(n: usize) -> Self {
-        Self::with_resync(n, 200)
+        Self::build(n, 200, 1500)
     }
 
     /// A cluster whose netds do a full pass only every `resync_ms` (changes come by watch).
     fn with_resync(n: usize, resync_ms: u64) -> Self {
+        Self::build(n, resync_ms, 1500)
+    }
+
+    /// A cluster whose nodes' underlay links (`eth0`) have `underlay_mtu`.
+    fn build(n: usize, resync_ms: u64, underlay_mtu: u32) -> Self {
         let underlay = NamedNetNs::create(&unique_name("ul")).unwrap();
         let rt = runtime();
         let gw: IpNetwork = format!("{UNDERLAY_GW}/24").parse().unwrap();
@@ -62,7 +68,7 @@ impl Cluster {
                 format!("10.99.0.{i}/24").parse().unwrap(),
                 format!("fd99::{i}/64").parse().unwrap(),
             ];
-            wire_to_underlay(&underlay, &format!("ul{i}"), &node.ns, &addrs);
+            wire_to_underlay(&underlay, &format!("ul{i}"), &node.ns, &addrs, underlay_mtu);
             nodes.push(node);
         }
         let mut cluster = Self {
@@ -104,6 +110,14 @@ impl Cluster {
         conf
     }
 
+    /// Node `i`'s routed-mode config with one pool that always encapsulates.
+    fn vxlan_conf(&self, i: usize) -> Value {
+        let mut conf = self.conf(i, "routed");
+        conf["ipam"]["pools"] =
+            json!([{"name": "overlay", "cidr": "10.82.0.0/16", "vxlanMode": "Always"}]);
+        conf
+    }
+
     /// `nodekitctl` against the lab's etcd, run in the underlay namespace.
     fn ctl(&self, args: &[&str]) -> String {
         let etcd = [
@@ -132,6 +146,48 @@ impl Cluster {
             .filter(|(_, _, proto)| *proto == nodekit_cni::netd::RTPROT_NODEKIT)
             .map(|(dst, target, _)| format!("{dst} {target:?}"))
             .collect()
+    }
+}
+
+impl Cluster {
+    /// Runs `f` with a netlink connection and the VXLAN device's index (if any) in node `i`.
+    fn on_vxlan<T: Send>(
+        &self,
+        i: usize,
+        f: impl AsyncFnOnce(&Netlink, Option<u32>) -> Result<T, NetlinkError> + Send,
+    ) -> T {
+        let rt = runtime();
+        self.nodes[i]
+            .ns
+            .run(|| {
+                rt.block_on(async {
+                    let nl = Netlink::connect()?;
+                    let device = nl.link(VXLAN_DEVICE).await?.map(|l| l.header.index);
+                    f(&nl, device).await
+                })
+            })
+            .unwrap()
+            .unwrap()
+    }
+
+    /// The remotes of node `i`'s VXLAN FDB entries and the IPs of its permanent neighbour
+    /// entries there, sorted.
+    fn tunnel_entries(&self, i: usize) -> (Vec<IpAddr>, Vec<IpAddr>) {
+        self.on_vxlan(i, async |nl, device| {
+            let Some(device) = device else {
+                return Ok((vec![], vec![]));
+            };
+            let mut fdb: Vec<IpAddr> = nl.fdb_entries(device).await?.iter().map(|e| e.1).collect();
+            let mut neighbours: Vec<IpAddr> = nl
+                .permanent_neighbours(device)
+                .await?
+                .iter()
+                .map(|e| e.0)
+                .collect();
+            fdb.sort();
+            neighbours.sort();
+            Ok((fdb, neighbours))
+        })
     }
 }
 
@@ -236,18 +292,26 @@ fn outside(cluster: &Cluster) -> NamedNetNs {
         "ulout",
         &ns,
         &["10.99.0.200/24".parse().unwrap()],
+        1500,
     );
     ns
 }
 
-/// A veth from the underlay bridge (`port`) to `eth0` in `ns`, with `addrs` on it, up.
-fn wire_to_underlay(underlay: &NamedNetNs, port: &str, ns: &NamedNetNs, addrs: &[IpNetwork]) {
+/// A veth of `mtu` from the underlay bridge (`port`) to `eth0` in `ns`, with `addrs` on
+/// it, up.
+fn wire_to_underlay(
+    underlay: &NamedNetNs,
+    port: &str,
+    ns: &NamedNetNs,
+    addrs: &[IpNetwork],
+    mtu: u32,
+) {
     let rt = runtime();
     underlay
         .run(|| {
             rt.block_on(async {
                 let nl = Netlink::connect()?;
-                nl.create_veth(port, "eth0", ns, 1500, None).await?;
+                nl.create_veth(port, "eth0", ns, mtu, None).await?;
                 let link = nl.link(port).await?.unwrap();
                 let br = nl.link("ul0").await?.unwrap();
                 nl.attach_to_bridge(link.header.index, port, br.header.index, false)
@@ -358,12 +422,7 @@ fn an_address_borrowed_from_another_nodes_block_is_reachable() {
 #[test]
 fn pods_reach_each_other_through_vxlan_when_the_pool_asks_for_it() {
     let cluster = Cluster::new(2);
-    let conf = |i: usize| {
-        let mut conf = cluster.conf(i, "routed");
-        conf["ipam"]["pools"] =
-            json!([{"name": "overlay", "cidr": "10.82.0.0/16", "vxlanMode": "Always"}]);
-        conf
-    };
+    let conf = |i: usize| cluster.vxlan_conf(i);
     let (a, b) = (Pod::new(), Pod::new());
     let added = cluster.nodes[0].add(&conf(0), "a", &a).expect_ok();
     assert_eq!(
@@ -424,4 +483,98 @@ fn a_new_block_reaches_the_other_nodes_through_the_watch_not_the_resync() {
         "route on n1 {} ms after n2 claimed its block",
         claimed.elapsed().as_millis()
     );
+}
+
+#[test]
+fn vxlan_entries_of_a_removed_node_go_and_a_deleted_one_comes_back() {
+    // A 1 s resync: a hand-deleted entry stays gone long enough to be seen gone.
+    let cluster = Cluster::with_resync(3, 1000);
+    let pods: Vec<Pod> = (0..3).map(|_| Pod::new()).collect();
+    for (i, pod) in pods.iter().enumerate() {
+        cluster.nodes[i]
+            .add(&cluster.vxlan_conf(i), &format!("pod{i}"), pod)
+            .expect_ok();
+    }
+    let (n2, n3): (IpAddr, IpAddr) = ("10.99.0.2".parse().unwrap(), "10.99.0.3".parse().unwrap());
+    eventually("n1 having FDB and neighbour entries for n2 and n3", || {
+        cluster.tunnel_entries(0) == (vec![n2, n3], vec![n2, n3])
+    });
+    cluster.on_vxlan(0, async |nl, device| {
+        let device = device.expect("nk.vxlan on n1");
+        nl.delete_fdb(device, vxlan_mac("n3"), n3).await?;
+        nl.delete_neighbour(device, n3).await
+    });
+    assert_eq!(
+        cluster.tunnel_entries(0),
+        (vec![n2], vec![n2]),
+        "deleted by hand"
+    );
+    eventually("the deleted entries coming back", || {
+        cluster.tunnel_entries(0) == (vec![n2, n3], vec![n2, n3])
+    });
+    cluster.ctl(&["node", "remove", "n3"]);
+    eventually("n1 dropping n3's entries and keeping n2's", || {
+        cluster.tunnel_entries(0) == (vec![n2], vec![n2])
+    });
+    eventually("n2 dropping n3's entries", || {
+        cluster.tunnel_entries(1)
+            == (
+                vec!["10.99.0.1".parse().unwrap()],
+                vec!["10.99.0.1".parse().unwrap()],
+            )
+    });
+}
+
+#[test]
+fn the_vxlan_device_and_pod_routes_take_the_underlay_mtu_less_50() {
+    let cluster = Cluster::build(2, 200, 1400);
+    cluster.ctl(&[
+        "ipam",
+        "pool",
+        "add",
+        "overlay",
+        "10.82.0.0/16",
+        "--vxlan-mode",
+        "always",
+    ]);
+    let vxlan_mtu = |i: usize| {
+        cluster.on_vxlan(i, async |nl, _| {
+            Ok(nl.link(VXLAN_DEVICE).await?.as_ref().and_then(link_mtu))
+        })
+    };
+    // The device exists once netd registered the node (with its MTU) and saw the pool.
+    eventually("nk.vxlan on n1 sized 1400 - 50", || {
+        vxlan_mtu(0) == Some(1350)
+    });
+    let pod = Pod::new();
+    let added = cluster.nodes[0]
+        .add(&cluster.vxlan_conf(0), "a", &pod)
+        .expect_ok();
+    assert_eq!(added.out["routes"][0]["mtu"], 1350, "{}", added.out);
+    assert_eq!(added.out["interfaces"][1]["mtu"], 1350, "{}", added.out);
+    let peer = Pod::new();
+    let ip = cluster.nodes[1]
+        .add(&cluster.vxlan_conf(1), "b", &peer)
+        .expect_ok()
+        .ip();
+    eventually("a pod on n1 reaching a pod on n2 over VXLAN", || {
+        pod.ping(&ip)
+    });
+}
+
+#[test]
+fn a_removed_node_leaves_through_the_watch_not_the_resync() {
+    let cluster = Cluster::with_resync(2, 60_000);
+    let pods: Vec<Pod> = (0..2).map(|_| Pod::new()).collect();
+    for (i, pod) in pods.iter().enumerate() {
+        cluster.nodes[i]
+            .add(&cluster.conf(i, "routed"), &format!("pod{i}"), pod)
+            .expect_ok();
+    }
+    let via_n2 = |c: &Cluster| c.netd_routes(0).iter().any(|r| r.contains("10.99.0.2"));
+    eventually("n1 routing n2's block", || via_n2(&cluster));
+    // The removal deletes n2's block, handle and node keys: n1 learns it from the watch's
+    // delete events (the resync is a minute away).
+    cluster.ctl(&["node", "remove", "n2"]);
+    eventually("n1 dropping routes to n2", || !via_n2(&cluster));
 }

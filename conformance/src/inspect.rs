@@ -194,7 +194,8 @@ fn netlink_err(ns: &str) -> impl Fn(rtnetlink::Error) -> InspectError + '_ {
     }
 }
 
-fn route_from(msg: &RouteMessage) -> Option<RouteView> {
+/// The view of one route message (a dump's, or a multicast notification's).
+pub(crate) fn route_from(msg: &RouteMessage) -> Option<RouteView> {
     let ip = |a: &RouteAddress| match a {
         RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
         RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),

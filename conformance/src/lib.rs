@@ -3,10 +3,12 @@
 //! namespaces, and report every check as passed, skipped (with a reason) or failed (with a
 //! message), on the terminal, as JSON and as JUnit.
 //!
-//! Suites: `cni` (see [`cni`]), `device-plugin` (see [`device_plugin`]), `csi` (see [`csi`]).
+//! Suites: `cni` (see [`cni`]), `device-plugin` (see [`device_plugin`]), `csi` (see [`csi`]),
+//! `cri` (see [`cri`]).
 
 pub mod bench;
 pub mod cni;
+pub mod cri;
 pub mod csi;
 pub mod device_plugin;
 pub mod inspect;
@@ -20,7 +22,7 @@ use regex::Regex;
 use crate::report::{ReportError, Reporter, Summary};
 
 /// The suites this runner knows, in run order.
-pub const SUITES: &[&str] = &[cni::SUITE, device_plugin::SUITE, csi::SUITE];
+pub const SUITES: &[&str] = &[cni::SUITE, device_plugin::SUITE, csi::SUITE, cri::SUITE];
 
 /// What to run and where to report it.
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ pub struct RunOptions {
     pub device_plugin: device_plugin::DevicePluginTarget,
     /// The driver suite `csi` runs against.
     pub csi: csi::CsiTarget,
+    /// The runtimes suite `cri` runs against, in turn.
+    pub cri: Vec<cri::CriTarget>,
 }
 
 /// Why a run could not complete (failing checks are not errors: they are in the summary).
@@ -61,6 +65,9 @@ pub enum RunError {
     /// Suite `csi` could not be set up.
     #[error("suite csi: {0}")]
     Csi(#[from] csi::CsiSuiteError),
+    /// Suite `cri` could not be set up.
+    #[error("suite cri: {0}")]
+    Cri(#[from] cri::CriSuiteError),
     /// A report could not be written.
     #[error(transparent)]
     Report(#[from] ReportError),
@@ -106,6 +113,7 @@ pub fn run(opts: &RunOptions, reporter: &mut Reporter) -> Result<Summary, RunErr
                 device_plugin::run(&opts.device_plugin, &selects, reporter).map_err(RunError::from)
             }
             csi::SUITE => csi::run(&opts.csi, &selects, reporter).map_err(RunError::from),
+            cri::SUITE => cri::run(&opts.cri, &selects, reporter).map_err(RunError::from),
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -137,6 +145,7 @@ mod tests {
             cni: cni::CniTarget::Reference,
             device_plugin: device_plugin::DevicePluginTarget::Nodekit,
             csi: csi::CsiTarget::Nodekit,
+            cri: vec![cri::CriTarget::Nodekit],
         }
     }
 
@@ -156,7 +165,7 @@ mod tests {
         let mut o = opts();
         assert_eq!(
             o.suites().expect("all"),
-            vec!["cni", "device-plugin", "csi"]
+            vec!["cni", "device-plugin", "csi", "cri"]
         );
         o.suites = vec!["cni".into(), "cni".into()];
         assert_eq!(o.suites().expect("dedup"), vec!["cni"]);
@@ -164,7 +173,7 @@ mod tests {
         let err = o.suites().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unknown suite \"no-such-suite\"; known suites: cni, device-plugin, csi"
+            "unknown suite \"no-such-suite\"; known suites: cni, device-plugin, csi, cri"
         );
     }
 

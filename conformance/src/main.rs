@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nodekit_conformance::cni::CniTarget;
+use nodekit_conformance::cri::{CriTarget, DEFAULT_CUSTOM_IMAGE};
 use nodekit_conformance::csi::CsiTarget;
 use nodekit_conformance::device_plugin::DevicePluginTarget;
 use nodekit_conformance::report::Reporter;
@@ -19,13 +20,15 @@ use regex::Regex;
 /// beside this executable) in bridge and routed mode. Suite `device-plugin` plays the kubelet
 /// against a device plugin (by default `nodekit-device-plugin`, beside this executable) on a
 /// temp device lab. Suite `csi` drives a CSI driver over gRPC (by default `nodekit-csi`,
-/// beside this executable, on a temp lab) through real stage/publish mounts. Prints a line per test and a final
+/// beside this executable, on a temp lab) through real stage/publish mounts. Suite `cri`
+/// drives a CRI runtime over gRPC (by default `nodekit-cri`, beside this executable, in a lab
+/// namespace with a local registry, CNI bridge and runc). Prints a line per test and a final
 /// `N passed, N failed, N skipped`; exits 1 if any test failed, 2 if the run could not start.
 #[derive(Debug, Parser)]
 #[command(name = "nodekit-conformance", version)]
 struct Cli {
     /// Run only this suite (repeatable); without it every suite runs. Known: cni,
-    /// device-plugin, csi.
+    /// device-plugin, csi, cri.
     #[arg(long = "suite", value_name = "NAME")]
     suites: Vec<String>,
 
@@ -79,6 +82,21 @@ struct Cli {
         requires = "csi_endpoint"
     )]
     csi_kubelet_root: PathBuf,
+
+    /// Suite cri: also run it against Debian's containerd (its CRI plugin, on a lab like
+    /// nodekit-cri's: same registry, CNI config and runc), and list where the two differ.
+    #[arg(long, conflicts_with = "cri_endpoint")]
+    cri_containerd: bool,
+
+    /// A CRI runtime already serving at this endpoint (unix:///path.sock) for suite cri,
+    /// instead of starting nodekit-cri (found beside this executable) on a lab.
+    #[arg(long, value_name = "ENDPOINT")]
+    cri_endpoint: Option<String>,
+
+    /// With --cri-endpoint: the image the containers run (busybox applets: sh, sleep,
+    /// httpd, wget).
+    #[arg(long, value_name = "IMAGE", default_value = DEFAULT_CUSTOM_IMAGE, requires = "cri_endpoint")]
+    cri_image: String,
 }
 
 /// The path of a `unix://` endpoint.
@@ -119,6 +137,14 @@ fn main() -> ExitCode {
         },
         None => CsiTarget::Nodekit,
     };
+    let cri = match (cli.cri_endpoint, cli.cri_containerd) {
+        (Some(endpoint), _) => vec![CriTarget::Endpoint {
+            socket: unix_path(&endpoint),
+            image: cli.cri_image,
+        }],
+        (None, true) => vec![CriTarget::Nodekit, CriTarget::Containerd],
+        (None, false) => vec![CriTarget::Nodekit],
+    };
     let opts = RunOptions {
         suites: cli.suites,
         focus: cli.focus,
@@ -128,6 +154,7 @@ fn main() -> ExitCode {
         cni,
         device_plugin,
         csi,
+        cri,
     };
     let mut reporter = Reporter::new(Box::new(std::io::stdout()));
     match run(&opts, &mut reporter) {

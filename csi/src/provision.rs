@@ -2,8 +2,9 @@
 //! Callers have validated the request and hold the objects' in-flight claims.
 //!
 //! Crash safety: a record is written in phase `Creating` before its image is touched and
-//! flipped to `Ready` after; a crash in between leaves a `Creating` record that the next
-//! attempt (or the startup reconcile) clears together with the partial image. A failed
+//! flipped to `Ready` (durably) after; a crash in between leaves a `Creating` record (or,
+//! after a power loss, a torn one: it is written without fsync) that the next attempt (or
+//! the startup reconcile) clears together with the partial image. A failed
 //! operation removes what it made (a drop guard, defused on success).
 
 use std::collections::BTreeMap;
@@ -18,7 +19,7 @@ use crate::fstools::FsType;
 use crate::ids::{SnapshotId, VolumeId};
 use crate::image::{self, CloneMethod};
 use crate::state::{
-    AccessRecord, ContentSource, Kind, NodeRecord, Phase, SnapshotRecord, VolumeRecord,
+    AccessRecord, ContentSource, Kind, NodeRecord, Phase, SnapshotRecord, Stored, VolumeRecord,
 };
 use crate::sys;
 
@@ -214,9 +215,14 @@ impl Driver {
         let id = VolumeId::for_name(&spec.name);
         let image = self.volume_image(&id);
         let min = spec.fs_type.map_or(ALIGN, FsType::min_size);
-        if let Some(existing) = self.store.get::<VolumeRecord>(Kind::Volumes, id.as_str())? {
-            if existing.phase == Phase::Ready {
-                return compatible(existing, spec);
+        if let Some(existing) = self
+            .store
+            .get_or_torn::<VolumeRecord>(Kind::Volumes, id.as_str())?
+        {
+            if let Stored::Whole(ready) = existing {
+                if ready.phase == Phase::Ready {
+                    return compatible(ready, spec);
+                }
             }
             // A create that crashed or failed half-way: start over.
             image::remove(&image)?;
@@ -242,7 +248,8 @@ impl Driver {
         {
             let _reserve = RESERVE.lock().unwrap_or_else(PoisonError::into_inner);
             self.check_space(size, "a volume")?;
-            self.store.put_atomic(Kind::Volumes, id.as_str(), &record)?;
+            self.store
+                .put_volatile(Kind::Volumes, id.as_str(), &record)?;
         }
         let mut rollback = Rollback {
             driver: self,
@@ -339,16 +346,18 @@ impl Driver {
         let image = self.snapshot_image(&id);
         if let Some(existing) = self
             .store
-            .get::<SnapshotRecord>(Kind::Snapshots, id.as_str())?
+            .get_or_torn::<SnapshotRecord>(Kind::Snapshots, id.as_str())?
         {
-            if existing.phase == Phase::Ready {
-                if existing.source_volume_id != source_id {
-                    return Err(CsiError::AlreadyExists(format!(
-                        "snapshot {name:?} exists with source volume {}",
-                        existing.source_volume_id
-                    )));
+            if let Stored::Whole(ready) = existing {
+                if ready.phase == Phase::Ready {
+                    if ready.source_volume_id != source_id {
+                        return Err(CsiError::AlreadyExists(format!(
+                            "snapshot {name:?} exists with source volume {}",
+                            ready.source_volume_id
+                        )));
+                    }
+                    return Ok((ready, None));
                 }
-                return Ok((existing, None));
             }
             image::remove(&image)?;
             self.store.remove(Kind::Snapshots, id.as_str())?;
@@ -368,7 +377,7 @@ impl Driver {
             phase: Phase::Creating,
         };
         self.store
-            .put_atomic(Kind::Snapshots, id.as_str(), &record)?;
+            .put_volatile(Kind::Snapshots, id.as_str(), &record)?;
         let mut rollback = Rollback {
             driver: self,
             kind: Kind::Snapshots,

@@ -11,7 +11,7 @@ use crate::driver::Driver;
 use crate::error::CsiError;
 use crate::image;
 use crate::loopdev::LoopDevice;
-use crate::state::{AccessRecord, Kind, NodeRecord, Phase, SnapshotRecord, VolumeRecord};
+use crate::state::{AccessRecord, Kind, NodeRecord, Phase, SnapshotRecord, Stored, VolumeRecord};
 
 /// What the reconcile changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -41,32 +41,55 @@ impl Driver {
         Ok(done)
     }
 
+    /// Clears `Creating` records (and torn ones: only a `Creating` record is written
+    /// without fsync) with their partial images.
     fn clear_interrupted_creates(&self, done: &mut Reconciled) -> Result<(), CsiError> {
-        for v in self.store.list::<VolumeRecord>(Kind::Volumes)? {
-            if v.phase == Phase::Creating {
-                if let Some(id) = crate::ids::VolumeId::parse(&v.id) {
-                    image::remove(&self.volume_image(&id))?;
-                    self.store.remove(Kind::Volumes, id.as_str())?;
-                    done.cleared.push(v.id);
-                }
+        for id in self.store.ids(Kind::Volumes)? {
+            let Some(vid) = crate::ids::VolumeId::parse(&id) else {
+                continue;
+            };
+            if self.interrupted::<VolumeRecord>(Kind::Volumes, &id, |v| v.phase) {
+                image::remove(&self.volume_image(&vid))?;
+                self.store.remove(Kind::Volumes, &id)?;
+                done.cleared.push(id);
             }
         }
-        for s in self.store.list::<SnapshotRecord>(Kind::Snapshots)? {
-            if s.phase == Phase::Creating {
-                if let Some(id) = crate::ids::SnapshotId::parse(&s.id) {
-                    image::remove(&self.snapshot_image(&id))?;
-                    self.store.remove(Kind::Snapshots, id.as_str())?;
-                    done.cleared.push(s.id);
-                }
+        for id in self.store.ids(Kind::Snapshots)? {
+            let Some(sid) = crate::ids::SnapshotId::parse(&id) else {
+                continue;
+            };
+            if self.interrupted::<SnapshotRecord>(Kind::Snapshots, &id, |s| s.phase) {
+                image::remove(&self.snapshot_image(&sid))?;
+                self.store.remove(Kind::Snapshots, &id)?;
+                done.cleared.push(id);
             }
         }
         Ok(())
     }
 
+    /// Whether record `id` is an interrupted create; an unreadable one is left alone.
+    fn interrupted<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: Kind,
+        id: &str,
+        phase: impl Fn(&T) -> Phase,
+    ) -> bool {
+        match self.store.get_or_torn::<T>(kind, id) {
+            Ok(Some(Stored::Whole(r))) => phase(&r) == Phase::Creating,
+            Ok(Some(Stored::Torn)) => true,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping unreadable state file");
+                false
+            }
+        }
+    }
+
     /// Re-attaches and re-mounts staged volumes; returns the images they own.
     fn restore_staged(&self, done: &mut Reconciled) -> Result<BTreeSet<PathBuf>, CsiError> {
         let mut owned = BTreeSet::new();
-        for mut rec in self.store.list::<NodeRecord>(Kind::Node)? {
+        for rec in self.store.list::<NodeRecord>(Kind::Node)? {
+            let mut rec = self.with_publications(rec)?;
             owned.insert(rec.image.clone());
             if !rec.image.exists() {
                 tracing::warn!(volume = %rec.volume_id, image = %rec.image.display(), "staged volume's image is missing");
@@ -115,7 +138,14 @@ impl Driver {
                 rec.publications.remove(&target);
             }
             if rec.publications.len() != before {
-                self.store.put(Kind::Node, &rec.volume_id, &rec)?;
+                self.put_publications(&rec.volume_id, &rec.publications)?;
+            }
+        }
+        // Publications of volumes no longer staged: a remove that a power loss undid.
+        let staged = self.store.ids(Kind::Node)?;
+        for id in self.store.ids(Kind::Publications)? {
+            if !staged.contains(&id) {
+                self.store.remove_volatile(Kind::Publications, &id)?;
             }
         }
         Ok(owned)

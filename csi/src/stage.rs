@@ -16,7 +16,7 @@ use crate::fstools::{FsInfo, FsType};
 use crate::ids::VolumeId;
 use crate::loopdev::LoopDevice;
 use crate::mounter::MountOptions;
-use crate::state::{AccessRecord, Kind, NodeRecord, Publication};
+use crate::state::{AccessRecord, Kind, NodeRecord, Publication, Publications, StateError};
 
 use nodekit_proto::csi::v1::volume_capability::access_mode::Mode;
 
@@ -59,9 +59,42 @@ impl Drop for DetachOnFailure<'_> {
 }
 
 impl Driver {
-    /// The node record of a volume.
+    /// The node record of a volume, with its publications.
     pub fn node_record(&self, id: &VolumeId) -> Result<Option<NodeRecord>, CsiError> {
-        Ok(self.store.get(Kind::Node, id.as_str())?)
+        match self.store.get::<NodeRecord>(Kind::Node, id.as_str())? {
+            Some(rec) => Ok(Some(self.with_publications(rec)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// `rec` with the publications from their own file (a record written before they had
+    /// one keeps its own). A torn file, which only a power loss leaves, means none: a power
+    /// loss unmounts every target.
+    pub(crate) fn with_publications(&self, mut rec: NodeRecord) -> Result<NodeRecord, CsiError> {
+        match self
+            .store
+            .get::<Publications>(Kind::Publications, &rec.volume_id)
+        {
+            Ok(Some(publications)) => rec.publications = publications,
+            Ok(None) => {}
+            Err(StateError::Corrupt { path, .. }) => {
+                tracing::warn!(path = %path.display(), "torn publications file: none assumed");
+                rec.publications.clear();
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(rec)
+    }
+
+    /// Records the publications of `id` (not durably: see [`Kind::Publications`]).
+    pub(crate) fn put_publications(
+        &self,
+        id: &str,
+        publications: &Publications,
+    ) -> Result<(), CsiError> {
+        Ok(self
+            .store
+            .put_volatile(Kind::Publications, id, publications)?)
     }
 
     /// The loop device backing `image`, attaching one if none is (`true` when attached now).
@@ -165,15 +198,28 @@ impl Driver {
         {
             self.mount_staging(device, staging, *fs_type, mount_flags)?;
         }
+        // Publications keep their own file (a record from before they had one hands its
+        // over); a fresh stage drops any that a lost remove left.
         let record = NodeRecord {
             volume_id: id.to_string(),
             image,
             staging_path: staging.to_path_buf(),
             access,
             access_mode: cap.mode as i32,
-            publications: existing.map(|r| r.publications).unwrap_or_default(),
+            publications: Publications::new(),
         };
-        if let Err(e) = self.store.put(Kind::Node, id.as_str(), &record) {
+        let stored = match existing {
+            Some(rec) => {
+                self.store
+                    .put_volatile(Kind::Publications, id.as_str(), &rec.publications)
+            }
+            None => self
+                .store
+                .remove_volatile(Kind::Publications, id.as_str())
+                .map(drop),
+        }
+        .and_then(|()| self.store.put(Kind::Node, id.as_str(), &record));
+        if let Err(e) = stored {
             let _ = self.mounter.unmount(staging);
             return Err(e.into());
         }
@@ -278,6 +324,8 @@ impl Driver {
         for device in devices {
             self.loops.detach(device)?;
         }
+        self.store
+            .remove_volatile(Kind::Publications, id.as_str())?;
         self.store.remove(Kind::Node, id.as_str())?;
         tracing::info!(volume = %id, staging = %staging.display(), "volume unstaged");
         Ok(())
@@ -386,10 +434,10 @@ impl Driver {
         record
             .publications
             .insert(target.to_path_buf(), publication);
-        // Publications are re-derived from the mount table after a crash: atomic is enough.
-        if let Err(e) = self.store.put_atomic(Kind::Node, id.as_str(), &record) {
+        // Publications are re-derived from the mount table after a crash: no fsync needed.
+        if let Err(e) = self.put_publications(id.as_str(), &record.publications) {
             let _ = self.mounter.unmount(target);
-            return Err(e.into());
+            return Err(e);
         }
         tracing::info!(volume = %id, target = %target.display(), readonly = ro, "volume published");
         Ok(())
@@ -403,7 +451,7 @@ impl Driver {
         if let Some(id) = id {
             if let Some(mut record) = self.node_record(id)? {
                 if record.publications.remove(target).is_some() {
-                    self.store.put_atomic(Kind::Node, id.as_str(), &record)?;
+                    self.put_publications(id.as_str(), &record.publications)?;
                 }
             }
         }

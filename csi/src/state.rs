@@ -3,9 +3,15 @@
 //! the directory where the new record must survive a crash), so a reader sees the old
 //! record or the new one, never a torn one.
 //!
+//! A staged volume's published targets live in a file of their own, written without any
+//! fsync (temp file and rename: a process crash still sees old or new): a power loss unmounts
+//! every target anyway, so after one the file is only a hint that the reconcile checks
+//! against the mount table, and a torn one reads as "no publications".
+//!
 //! Layout: `volumes/<volume-id>.json` and `snapshots/<snapshot-id>.json` (controller),
-//! `node/<volume-id>.json` (node). Controller and node records live in separate files so
-//! the two services can run as separate processes on one state directory.
+//! `node/<volume-id>.json` and `publications/<volume-id>.json` (node). Controller and node
+//! records live in separate files so the two services can run as separate processes on one
+//! state directory.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -27,6 +33,8 @@ pub enum Kind {
     Snapshots,
     /// [`NodeRecord`]s.
     Node,
+    /// [`Publications`] of staged volumes (not durable: see the module doc).
+    Publications,
 }
 
 impl Kind {
@@ -35,6 +43,7 @@ impl Kind {
             Self::Volumes => "volumes",
             Self::Snapshots => "snapshots",
             Self::Node => "node",
+            Self::Publications => "publications",
         }
     }
 }
@@ -154,6 +163,9 @@ pub struct Publication {
     pub readonly: bool,
 }
 
+/// The published targets of a staged volume (resolved paths).
+pub type Publications = BTreeMap<PathBuf, Publication>;
+
 /// A volume staged on this node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -168,8 +180,18 @@ pub struct NodeRecord {
     pub access: AccessRecord,
     /// The CSI access mode it was staged with.
     pub access_mode: i32,
-    /// Published targets (resolved paths).
-    pub publications: BTreeMap<PathBuf, Publication>,
+    /// Published targets (resolved paths); kept in [`Kind::Publications`] on disk.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub publications: Publications,
+}
+
+/// A record as read back by [`StateStore::get_or_torn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored<T> {
+    /// Complete.
+    Whole(T),
+    /// Torn by a power loss during a [`StateStore::put_volatile`].
+    Torn,
 }
 
 /// The state directory.
@@ -182,7 +204,12 @@ impl StateStore {
     /// Opens (creating) the state directory at `root`; removes temp files a crash left.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StateError> {
         let store = Self { root: root.into() };
-        for kind in [Kind::Volumes, Kind::Snapshots, Kind::Node] {
+        for kind in [
+            Kind::Volumes,
+            Kind::Snapshots,
+            Kind::Node,
+            Kind::Publications,
+        ] {
             let dir = store.dir(kind);
             std::fs::create_dir_all(&dir).map_err(|source| StateError::Io {
                 op: "creating",
@@ -208,43 +235,71 @@ impl StateStore {
 
     /// Reads record `id` of `kind`; `None` when absent.
     pub fn get<T: DeserializeOwned>(&self, kind: Kind, id: &str) -> Result<Option<T>, StateError> {
+        match self.read(kind, id)? {
+            Some((path, bytes)) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StateError::Corrupt { path, source }),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads record `id` of `kind`, telling a record torn by a power loss during
+    /// [`Self::put_volatile`] (empty or zero-filled: its data never reached the disk) from
+    /// a whole one; any other damage is [`StateError::Corrupt`].
+    pub fn get_or_torn<T: DeserializeOwned>(
+        &self,
+        kind: Kind,
+        id: &str,
+    ) -> Result<Option<Stored<T>>, StateError> {
+        match self.read(kind, id)? {
+            Some((_, bytes)) if bytes.iter().all(|b| *b == 0) => Ok(Some(Stored::Torn)),
+            Some((path, bytes)) => serde_json::from_slice(&bytes)
+                .map(|r| Some(Stored::Whole(r)))
+                .map_err(|source| StateError::Corrupt { path, source }),
+            None => Ok(None),
+        }
+    }
+
+    fn read(&self, kind: Kind, id: &str) -> Result<Option<(PathBuf, Vec<u8>)>, StateError> {
         let path = self.file(kind, id);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StateError::Io {
-                    op: "reading",
-                    path,
-                    source,
-                })
-            }
-        };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| StateError::Corrupt { path, source })
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some((path, bytes))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io {
+                op: "reading",
+                path,
+                source,
+            }),
+        }
     }
 
     /// Writes record `id` of `kind` atomically and durably: after a crash the new record is
     /// there.
     pub fn put<T: Serialize>(&self, kind: Kind, id: &str, record: &T) -> Result<(), StateError> {
-        self.write(kind, id, record)?;
+        self.write(kind, id, record, true)?;
         self.sync_dir(kind)
     }
 
-    /// Writes record `id` of `kind` atomically but without waiting for the rename to be
-    /// durable: after a crash the old record or the new one is there, never a torn one.
-    /// For records the kernel's state or a retry can re-derive (publications, `Creating`).
-    pub fn put_atomic<T: Serialize>(
+    /// Writes record `id` of `kind` without any fsync: after a process crash the old record
+    /// or the new one is there; after a power loss it may be old, new, missing or torn (see
+    /// [`Self::get_or_torn`]). Only for records a crash lets the driver re-derive or redo:
+    /// publications (kernel state a power loss clears) and `Creating` records.
+    pub fn put_volatile<T: Serialize>(
         &self,
         kind: Kind,
         id: &str,
         record: &T,
     ) -> Result<(), StateError> {
-        self.write(kind, id, record)
+        self.write(kind, id, record, false)
     }
 
-    fn write<T: Serialize>(&self, kind: Kind, id: &str, record: &T) -> Result<(), StateError> {
+    fn write<T: Serialize>(
+        &self,
+        kind: Kind,
+        id: &str,
+        record: &T,
+        sync: bool,
+    ) -> Result<(), StateError> {
         let path = self.file(kind, id);
         let tmp = self.dir(kind).join(format!("{id}.json.tmp"));
         let io_err = |op, p: &Path| {
@@ -267,16 +322,27 @@ impl StateStore {
             .open(&tmp)
             .map_err(io_err("creating", &tmp))?;
         file.write_all(&bytes).map_err(io_err("writing", &tmp))?;
-        file.sync_all().map_err(io_err("syncing", &tmp))?;
+        if sync {
+            file.sync_all().map_err(io_err("syncing", &tmp))?;
+        }
         std::fs::rename(&tmp, &path).map_err(io_err("renaming into", &path))
     }
 
-    /// Removes record `id` of `kind`; OK when absent.
+    /// Removes record `id` of `kind` durably; OK when absent.
     pub fn remove(&self, kind: Kind, id: &str) -> Result<(), StateError> {
+        if self.remove_volatile(kind, id)? {
+            self.sync_dir(kind)?;
+        }
+        Ok(())
+    }
+
+    /// Removes record `id` of `kind` without waiting for the disk (see
+    /// [`Self::put_volatile`]); returns whether it was there.
+    pub fn remove_volatile(&self, kind: Kind, id: &str) -> Result<bool, StateError> {
         let path = self.file(kind, id);
         match std::fs::remove_file(&path) {
-            Ok(()) => self.sync_dir(kind),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(source) => Err(StateError::Io {
                 op: "removing",
                 path,
@@ -384,6 +450,36 @@ mod tests {
         ));
         StateStore::open(dir.path()).expect("reopen");
         assert!(!dir.path().join("volumes/b.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_volatile_record_torn_by_a_power_loss_reads_as_torn_and_other_damage_as_corrupt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        store
+            .put_volatile(Kind::Volumes, "a", &volume("a"))
+            .expect("put");
+        assert_eq!(
+            store.get_or_torn(Kind::Volumes, "a").expect("get"),
+            Some(Stored::Whole(volume("a")))
+        );
+        std::fs::write(dir.path().join("volumes/a.json"), b"").expect("truncate");
+        std::fs::write(dir.path().join("volumes/b.json"), [0u8; 64]).expect("zeros");
+        std::fs::write(dir.path().join("volumes/c.json"), b"{garbage").expect("write");
+        for id in ["a", "b"] {
+            assert_eq!(
+                store
+                    .get_or_torn::<VolumeRecord>(Kind::Volumes, id)
+                    .expect("get"),
+                Some(Stored::Torn)
+            );
+        }
+        assert!(matches!(
+            store.get_or_torn::<VolumeRecord>(Kind::Volumes, "c"),
+            Err(StateError::Corrupt { .. })
+        ));
+        assert!(store.remove_volatile(Kind::Volumes, "a").expect("remove"));
+        assert!(!store.remove_volatile(Kind::Volumes, "a").expect("again"));
     }
 
     #[test]

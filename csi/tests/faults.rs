@@ -89,6 +89,14 @@ async fn a_restart_after_a_crash_restores_staged_volumes_and_drops_orphans() {
         format!(r#"{{"id":"{half}","name":"half","capacity":1048576,"fsType":null,"parameters":{{}},"source":null,"phase":"creating"}}"#),
     )
     .expect("creating record");
+    // A power loss tears what is written without fsync: a creating record, publications.
+    let torn = "nkv-eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee";
+    std::fs::write(lab.pool().join(format!("volumes/{torn}.img")), b"partial")
+        .expect("partial image");
+    std::fs::write(lab.state().join(format!("volumes/{torn}.json")), b"").expect("torn");
+    let publications = |id: &str| lab.state().join(format!("publications/{id}.json"));
+    std::fs::write(publications(&fs_vol.volume_id), b"").expect("torn publications");
+    std::fs::write(publications(&orphan.volume_id), b"{}").expect("stale publications");
 
     let driver = lab.start(&[]);
     let mut c = driver.clients().await;
@@ -113,6 +121,15 @@ async fn a_restart_after_a_crash_restores_staged_volumes_and_drops_orphans() {
     assert!(
         !lab.state().join(format!("volumes/{half}.json")).exists(),
         "creating record cleared"
+    );
+    assert!(
+        !lab.pool().join(format!("volumes/{torn}.img")).exists()
+            && !lab.state().join(format!("volumes/{torn}.json")).exists(),
+        "torn creating record cleared with its image: {log}"
+    );
+    assert!(
+        !publications(&orphan.volume_id).exists(),
+        "publications of an unstaged volume cleared: {log}"
     );
     assert!(orphan_image.exists(), "user data is never deleted");
 

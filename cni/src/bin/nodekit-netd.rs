@@ -84,6 +84,7 @@ fn main() -> ExitCode {
         ip6: v4.first().and(v6.first()).copied(),
         labels: cli.label.into_iter().collect(),
         vxlan_mac: None,
+        underlay_mtu: None,
     };
     let interval = Duration::from_millis(cli.interval_ms);
     let result = conf

@@ -685,6 +685,7 @@ mod tests {
             ip6: None,
             labels: [("zone".into(), "b".into())].into(),
             vxlan_mac: None,
+            underlay_mtu: None,
         });
         let got = assign(&mut state, handle("h", "n1"), &Choice::default()).unwrap();
         assert!(got[0].address.to_string().starts_with("10.1.0."));

@@ -5,7 +5,9 @@
 //! changed in one etcd transaction guarded by compares: a key that existed must still be at
 //! the revision read, a key that did not must still not exist. So two writers that touch the
 //! same block (or claim the same free block, or the same handle) can never both commit; the
-//! loser re-reads and runs again, up to [`MAX_ATTEMPTS`] times. Keys:
+//! loser re-reads and runs again, up to [`MAX_ATTEMPTS`] times. A watcher (netd) follows the
+//! changes after its last read on one long-lived etcd watch ([`Datastore::changes`]), so a
+//! change costs each watcher one small event, not a read of the whole prefix. Keys:
 //! `PREFIX/ipam/pools/NAME`, `PREFIX/ipam/blocks/CIDR` (`/` as `_`), `PREFIX/ipam/handles/ID`,
 //! `PREFIX/ipam/nodes/NAME`.
 
@@ -14,7 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
 };
 
 use super::model::{Block, Change, Handle, IpamState, NodeInfo, Pool};
@@ -33,8 +36,10 @@ pub struct EtcdStore {
     prefix: String,
     runtime: tokio::runtime::Runtime,
     client: Client,
-    /// The etcd revision of the last state read, where a watch resumes.
+    /// The etcd revision of the last state read (or change followed), where a watch resumes.
     revision: std::sync::atomic::AtomicI64,
+    /// The watch [`Datastore::changes`] follows, with the revision it resumes at.
+    follow: std::sync::Mutex<Option<(i64, WatchStream)>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -71,6 +76,7 @@ impl EtcdStore {
             runtime,
             client,
             revision: std::sync::atomic::AtomicI64::new(0),
+            follow: std::sync::Mutex::new(None),
         })
     }
 
@@ -101,23 +107,7 @@ impl EtcdStore {
         let mut changes = Vec::new();
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let corrupt = |e: serde_json::Error| IpamError::Corrupt {
-                reason: format!("etcd key {key}: {e}"),
-            };
-            let rest = key.strip_prefix(&self.prefix).unwrap_or_default();
-            let change = if rest.starts_with("pools/") {
-                let pool: Pool = serde_json::from_slice(kv.value()).map_err(corrupt)?;
-                Change::Pool(pool.name.clone(), Some(pool))
-            } else if rest.starts_with("blocks/") {
-                let block: Block = serde_json::from_slice(kv.value()).map_err(corrupt)?;
-                Change::Block(block.key(), Some(Arc::new(block)))
-            } else if rest.starts_with("handles/") {
-                let handle: Handle = serde_json::from_slice(kv.value()).map_err(corrupt)?;
-                Change::Handle(handle.id.clone(), Some(Arc::new(handle)))
-            } else if rest.starts_with("nodes/") {
-                let node: NodeInfo = serde_json::from_slice(kv.value()).map_err(corrupt)?;
-                Change::Node(node.name.clone(), Some(node))
-            } else {
+            let Some(change) = self.change_of(&key, Some(kv.value()))? else {
                 continue;
             };
             revisions.insert(key, kv.mod_revision());
@@ -125,6 +115,43 @@ impl EtcdStore {
         }
         state.apply(changes);
         Ok((state, revisions))
+    }
+
+    /// The record change that `key` taking `value` (`None`: deleted) stands for; `None` for
+    /// a key that holds no IPAM record.
+    fn change_of(&self, key: &str, value: Option<&[u8]>) -> Result<Option<Change>, IpamError> {
+        let Some((kind, name)) = key
+            .strip_prefix(&self.prefix)
+            .and_then(|rest| rest.split_once('/'))
+        else {
+            return Ok(None);
+        };
+        let corrupt = |e: serde_json::Error| IpamError::Corrupt {
+            reason: format!("etcd key {key}: {e}"),
+        };
+        Ok(Some(match (kind, value) {
+            ("pools", Some(v)) => {
+                let pool: Pool = serde_json::from_slice(v).map_err(corrupt)?;
+                Change::Pool(pool.name.clone(), Some(pool))
+            }
+            ("pools", None) => Change::Pool(name.to_string(), None),
+            ("blocks", Some(v)) => {
+                let block: Block = serde_json::from_slice(v).map_err(corrupt)?;
+                Change::Block(block.key(), Some(Arc::new(block)))
+            }
+            ("blocks", None) => Change::Block(name.replace('_', "/"), None),
+            ("handles", Some(v)) => {
+                let handle: Handle = serde_json::from_slice(v).map_err(corrupt)?;
+                Change::Handle(handle.id.clone(), Some(Arc::new(handle)))
+            }
+            ("handles", None) => Change::Handle(name.to_string(), None),
+            ("nodes", Some(v)) => {
+                let node: NodeInfo = serde_json::from_slice(v).map_err(corrupt)?;
+                Change::Node(node.name.clone(), Some(node))
+            }
+            ("nodes", None) => Change::Node(name.to_string(), None),
+            _ => return Ok(None),
+        }))
     }
 
     /// The guarded etcd transaction committing `changes` read at `revisions`.
@@ -202,25 +229,58 @@ impl Datastore for EtcdStore {
             .map(|(state, _)| state)
     }
 
-    /// An etcd watch on the prefix from the revision after the last read: returns at the
-    /// first change (or at once if one already happened), else after `timeout`.
-    fn wait_for_change(&self, timeout: Duration) -> Result<(), IpamError> {
-        let mut client = self.client.clone();
-        let from = self.revision.load(std::sync::atomic::Ordering::Relaxed) + 1;
+    /// Follows one long-lived watch on the prefix from the revision after the last read (a
+    /// read or transaction in between restarts it there). Returns the first batch of
+    /// changes, an empty list after `timeout`, `None` when etcd cancelled the watch
+    /// (compaction) or ended the stream: read again then.
+    fn changes(&self, timeout: Duration) -> Result<Option<Vec<Change>>, IpamError> {
+        use std::sync::atomic::Ordering;
+        let from = self.revision.load(Ordering::Relaxed) + 1;
+        let mut follow = self.follow.lock().unwrap_or_else(|e| e.into_inner());
         self.runtime.block_on(async {
-            let options = WatchOptions::new().with_prefix().with_start_revision(from);
-            let mut stream = client
-                .watch(self.prefix.as_str(), Some(options))
-                .await
-                .map_err(|e| unavailable(&self.endpoints, e))?;
+            let stream = match &mut *follow {
+                Some((at, stream)) if *at == from => stream,
+                slot => {
+                    let options = WatchOptions::new().with_prefix().with_start_revision(from);
+                    let stream = self
+                        .client
+                        .clone()
+                        .watch(self.prefix.as_str(), Some(options))
+                        .await
+                        .map_err(|e| unavailable(&self.endpoints, e))?;
+                    &mut slot.insert((from, stream)).1
+                }
+            };
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
-                match tokio::time::timeout_at(deadline, stream.message()).await {
-                    Err(_) => return Ok(()),
-                    Ok(Err(e)) => return Err(unavailable(&self.endpoints, e)),
-                    Ok(Ok(None)) => return Ok(()),
-                    Ok(Ok(Some(resp))) if !resp.events().is_empty() => return Ok(()),
-                    Ok(Ok(Some(_))) => {}
+                let resp = match tokio::time::timeout_at(deadline, stream.message()).await {
+                    Err(_) => return Ok(Some(Vec::new())),
+                    Ok(Err(e)) => {
+                        *follow = None;
+                        return Err(unavailable(&self.endpoints, e));
+                    }
+                    Ok(Ok(Some(resp))) if !resp.canceled() => resp,
+                    Ok(Ok(_)) => {
+                        *follow = None;
+                        return Ok(None);
+                    }
+                };
+                let mut changes = Vec::new();
+                let mut last = None;
+                for event in resp.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key());
+                    let value = (event.event_type() == EventType::Put).then(|| kv.value());
+                    changes.extend(self.change_of(&key, value)?);
+                    last = Some(kv.mod_revision());
+                }
+                // Creation and progress notices carry no events.
+                if let Some(last) = last {
+                    self.revision.store(last, Ordering::Relaxed);
+                    if let Some((at, _)) = &mut *follow {
+                        *at = last + 1;
+                    }
+                    return Ok(Some(changes));
                 }
             }
         })

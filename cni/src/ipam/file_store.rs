@@ -441,8 +441,9 @@ impl Datastore for FileStore {
         Ok(state)
     }
 
-    /// Polls the commit ID in the lock file (every commit changes it) every 20 ms.
-    fn wait_for_change(&self, timeout: Duration) -> Result<(), IpamError> {
+    /// Polls the commit ID in the lock file (every commit changes it) every 20 ms until it
+    /// changes or `timeout` passes; it cannot say what changed, so always `None`.
+    fn changes(&self, timeout: Duration) -> Result<Option<Vec<Change>>, IpamError> {
         let seen = self
             .cache
             .lock()
@@ -452,11 +453,11 @@ impl Datastore for FileStore {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if Some(self.fingerprint(&lock)?) != seen {
-                return Ok(());
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(())
+        Ok(None)
     }
 }
 

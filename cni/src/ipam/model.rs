@@ -47,10 +47,15 @@ pub struct Pool {
 }
 
 /// Bytes VXLAN adds to every packet: pods of an encapsulated pool get a path MTU this much
-/// below [`UNDERLAY_MTU`].
+/// below their node's underlay MTU.
 pub const VXLAN_OVERHEAD: u32 = 50;
-/// The underlay MTU nodekit assumes when it derives a pod's path MTU.
-pub const UNDERLAY_MTU: u32 = 1500;
+/// The underlay MTU assumed for a node that has not recorded its own (netd records it).
+pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+
+/// The MTU left inside VXLAN over an underlay link of `underlay_mtu`.
+pub fn vxlan_mtu(underlay_mtu: u32) -> u32 {
+    underlay_mtu.saturating_sub(VXLAN_OVERHEAD)
+}
 
 /// Calico's encapsulation choice per pool.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,6 +307,13 @@ pub struct NodeInfo {
     /// MAC of the node's VXLAN device, for other nodes' FDB and neighbour entries.
     #[serde(rename = "vxlanMac", default, skip_serializing_if = "Option::is_none")]
     pub vxlan_mac: Option<String>,
+    /// MTU of the underlay link carrying [`NodeInfo::ip`], as netd found it.
+    #[serde(
+        rename = "underlayMtu",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub underlay_mtu: Option<u32>,
 }
 
 impl Handle {
@@ -379,6 +391,12 @@ impl NodeInfo {
             .flatten()
             .find(|ip| ip.is_ipv4() == v4)
     }
+
+    /// The MTU pods of this node get in an encapsulated pool: its recorded underlay MTU
+    /// (else [`DEFAULT_UNDERLAY_MTU`]) less [`VXLAN_OVERHEAD`].
+    pub fn vxlan_mtu(&self) -> u32 {
+        vxlan_mtu(self.underlay_mtu.unwrap_or(DEFAULT_UNDERLAY_MTU))
+    }
 }
 
 impl IpamState {
@@ -400,6 +418,14 @@ impl IpamState {
     /// Nodes by name.
     pub fn nodes(&self) -> &BTreeMap<String, NodeInfo> {
         &self.nodes
+    }
+
+    /// The VXLAN pod MTU of node `name` ([`NodeInfo::vxlan_mtu`]; the default underlay's
+    /// for a node not registered yet).
+    pub fn vxlan_mtu_of(&self, name: &str) -> u32 {
+        self.nodes
+            .get(name)
+            .map_or(vxlan_mtu(DEFAULT_UNDERLAY_MTU), NodeInfo::vxlan_mtu)
     }
 
     /// Writes a node.
@@ -572,6 +598,34 @@ mod tests {
         assert_eq!(v6.block_size, 122);
         assert_eq!(v6.block_cidr(1).to_string(), "fd00:10::40/122");
         assert_eq!(v6.usable_per_block(), 62);
+    }
+
+    #[test]
+    fn the_vxlan_mtu_is_the_nodes_underlay_mtu_less_the_overhead() {
+        assert_eq!(vxlan_mtu(9000), 8950);
+        assert_eq!(vxlan_mtu(1400), 1350);
+        assert_eq!(vxlan_mtu(20), 0);
+        let mut state = IpamState::default();
+        state.put_node(NodeInfo {
+            name: "jumbo".into(),
+            underlay_mtu: Some(9000),
+            ..Default::default()
+        });
+        state.put_node(NodeInfo {
+            name: "old".into(),
+            ..Default::default()
+        });
+        assert_eq!(state.vxlan_mtu_of("jumbo"), 8950);
+        assert_eq!(
+            state.vxlan_mtu_of("old"),
+            1450,
+            "not recorded: 1500 assumed"
+        );
+        assert_eq!(state.vxlan_mtu_of("unknown"), 1450);
+        let json = serde_json::to_value(&state.nodes()["jumbo"]).unwrap();
+        assert_eq!(json["underlayMtu"], 9000);
+        let json = serde_json::to_value(&state.nodes()["old"]).unwrap();
+        assert!(json.get("underlayMtu").is_none(), "{json}");
     }
 
     #[test]

@@ -90,12 +90,17 @@ impl Plugin for IpamPlugin {
                 .map(|(ns, name)| format!("{ns}/{name}")),
         };
         let names = req.pool_names(args);
-        let assigned = transact_with(req.store.as_ref(), |state| {
+        let (assigned, vxlan_mtu) = transact_with(req.store.as_ref(), |state| {
             req.ensure_pools(state)?;
-            allocator::assign(state, handle.clone(), &req.choice(names.as_deref()))
+            let assigned = allocator::assign(state, handle.clone(), &req.choice(names.as_deref()))?;
+            Ok((assigned, state.vxlan_mtu_of(&req.node)))
         })?;
         tracing::info!(handle = %handle.id, addresses = ?assigned, "assigned");
-        Ok(result_for(&assigned, req.conf.ipam.routes.clone()))
+        Ok(result_for(
+            &assigned,
+            req.conf.ipam.routes.clone(),
+            vxlan_mtu,
+        ))
     }
 
     fn del(&self, args: &CmdArgs, _conf: &NetConfHeader) -> Result<(), ErrorResult> {
@@ -170,16 +175,16 @@ impl Plugin for IpamPlugin {
     }
 }
 
-fn result_for(assigned: &[Assigned], routes: Option<Vec<Route>>) -> CniResult {
+/// The result: `routes` when configured, else a default route per family, whose MTU is
+/// `vxlan_mtu` (the node's underlay MTU less VXLAN's overhead) for encapsulated pools.
+fn result_for(assigned: &[Assigned], routes: Option<Vec<Route>>, vxlan_mtu: u32) -> CniResult {
     let default_routes = || {
         assigned
             .iter()
             .map(|a| Route {
                 dst: default_dst(a.address.is_ipv4()),
                 gw: None,
-                mtu: a
-                    .encapsulated
-                    .then_some(super::model::UNDERLAY_MTU - super::model::VXLAN_OVERHEAD),
+                mtu: a.encapsulated.then_some(vxlan_mtu),
             })
             .collect()
     };

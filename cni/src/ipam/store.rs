@@ -2,7 +2,7 @@
 //! consistent [`IpamState`] and commits what it changed atomically. The file backend does that
 //! under a lock; an etcd backend does it optimistically with compares on revisions.
 
-use super::model::IpamState;
+use super::model::{Change, IpamState};
 use super::IpamError;
 
 /// A store of pools, blocks and handles shared by every plugin process of a node (file) or of
@@ -19,9 +19,12 @@ pub trait Datastore {
     /// A consistent copy of the current state, for reports.
     fn read(&self) -> Result<IpamState, IpamError>;
 
-    /// Returns once something may have changed since the last [`Datastore::read`] (or
-    /// transaction) of this handle, or after `timeout`: what a watcher such as netd waits on.
-    fn wait_for_change(&self, timeout: std::time::Duration) -> Result<(), IpamError>;
+    /// What a watcher such as netd waits on: returns the changes committed since the last
+    /// [`Datastore::read`] (or transaction, or batch of changes) of this handle, in commit
+    /// order, to be applied to that state with [`IpamState::apply`], or an empty list when
+    /// nothing changed within `timeout`. `None` when the backend cannot say what changed
+    /// (it returns once something may have): the caller reads again.
+    fn changes(&self, timeout: std::time::Duration) -> Result<Option<Vec<Change>>, IpamError>;
 }
 
 /// Runs `f` in a transaction and returns its value.

@@ -6,19 +6,24 @@
 //! Routes (all in the main table, tagged with protocol [`RTPROT_NODEKIT`] so netd only ever
 //! touches its own): each other node's block via that node's underlay address; a blackhole for
 //! each own block (a pod's /32 from the plugin is more specific); a /32 (/128) via the holder
-//! for every address borrowed from a block of another node.
+//! for every address borrowed from a block of another node. Pools that encapsulate route
+//! through the VXLAN device of [`tunnel`], whose neighbour and FDB entries are reconciled
+//! the same way.
 
 pub mod nat;
+pub mod tunnel;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 
-use crate::ipam::model::{IpamState, NodeInfo, VxlanMode, UNDERLAY_MTU, VXLAN_OVERHEAD};
+use crate::ipam::model::{IpamState, NodeInfo, VxlanMode};
 use crate::ipam::store::{transact_with, Datastore};
 use crate::ipam::IpamError;
-use crate::netlink::{format_mac, route_summary, Netlink, NetlinkError, RouteTarget};
+use crate::netlink::{format_mac, link_mtu, route_summary, Netlink, NetlinkError, RouteTarget};
+pub use tunnel::{tunnel_peers, vxlan_mac, VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI};
 
 /// The routing protocol number marking netd's routes (`ip route show proto 78`).
 pub const RTPROT_NODEKIT: u8 = 78;
@@ -46,7 +51,8 @@ pub struct Reconciled {
     pub removed: Vec<IpNetwork>,
 }
 
-/// Registers (or updates) `node` with its underlay address and labels; labels merge.
+/// Registers (or updates) `node` with its underlay address, underlay MTU and labels;
+/// labels merge.
 pub fn register(store: &dyn Datastore, node: &NodeInfo) -> Result<(), IpamError> {
     transact_with(store, |state| {
         let mut record = state.nodes().get(&node.name).cloned().unwrap_or_default();
@@ -55,25 +61,12 @@ pub fn register(store: &dyn Datastore, node: &NodeInfo) -> Result<(), IpamError>
         record.ip6 = node.ip6.or(record.ip6);
         record.labels.extend(node.labels.clone());
         record.vxlan_mac = node.vxlan_mac.clone().or(record.vxlan_mac);
+        record.underlay_mtu = node.underlay_mtu.or(record.underlay_mtu);
         if state.nodes().get(&node.name) != Some(&record) {
             state.put_node(record);
         }
         Ok(())
     })
-}
-
-/// Name of the VXLAN device netd creates when a pool asks for encapsulation.
-pub const VXLAN_DEVICE: &str = "nk.vxlan";
-/// VXLAN network identifier (Calico's default).
-pub const VXLAN_VNI: u32 = 4096;
-/// VXLAN UDP port (IANA).
-pub const VXLAN_PORT: u16 = 4789;
-
-/// The MAC of a node's VXLAN device, derived from its name (stable across restarts).
-pub fn vxlan_mac(node: &str) -> [u8; 6] {
-    use sha2::{Digest, Sha256};
-    let d = Sha256::digest(format!("vxlan/{node}").as_bytes());
-    [0x02, d[0], d[1], d[2], d[3], d[4]]
 }
 
 /// How this node reaches the others: its underlay subnet (for `CrossSubnet`) and its VXLAN
@@ -144,39 +137,6 @@ pub fn desired_routes(
     routes
 }
 
-/// The nodes some desired route tunnels to, with their VXLAN MACs: each needs a neighbour
-/// entry (next hop -> MAC) and an FDB entry (MAC -> node address) on the VXLAN device.
-pub fn tunnel_peers(
-    state: &IpamState,
-    desired: &BTreeMap<IpNetwork, RouteTarget>,
-) -> Vec<(IpAddr, [u8; 6])> {
-    let mut peers: Vec<(IpAddr, [u8; 6])> = desired
-        .values()
-        .filter_map(|t| match t {
-            RouteTarget::Tunnel { gateway, .. } => Some(*gateway),
-            _ => None,
-        })
-        .filter_map(|gw| {
-            let node = state
-                .nodes()
-                .values()
-                .find(|n| n.address(gw.is_ipv4()) == Some(gw))?;
-            Some((gw, parse_mac(node.vxlan_mac.as_deref()?)?))
-        })
-        .collect();
-    peers.sort();
-    peers.dedup();
-    peers
-}
-
-fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let bytes: Vec<u8> = text
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).ok())
-        .collect::<Option<_>>()?;
-    bytes.try_into().ok()
-}
-
 /// One pass: makes the kernel's protocol-78 routes equal to `desired`.
 pub async fn reconcile(
     nl: &Netlink,
@@ -206,100 +166,129 @@ pub async fn reconcile(
     Ok(done)
 }
 
-/// Registers the node, then reconciles routes and NAT at every datastore change and at least
-/// every `interval`, forever (one pass when `once`). Errors of a pass are logged and retried
-/// on the next one.
+/// Registers the node (with the MTU of the link carrying its address), then reconciles
+/// routes, VXLAN peers and NAT at every datastore change and at least every `interval`,
+/// forever (one pass when `once`). The state is read whole at the start, every `interval`
+/// (which also repairs kernel state changed behind netd's back) and whenever the store
+/// cannot say what changed; in between, the changes the store reports (an etcd watch) are
+/// applied to it. Errors of a pass are logged and retried on the next one.
 pub fn run(
     store: &dyn Datastore,
     node: &NodeInfo,
-    interval: std::time::Duration,
+    interval: Duration,
     once: bool,
 ) -> Result<(), NetdError> {
-    let node = NodeInfo {
-        vxlan_mac: Some(format_mac(&vxlan_mac(&node.name))),
-        ..node.clone()
-    };
-    register(store, &node)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(NetlinkError::Socket)?;
     let nl = runtime.block_on(async { Netlink::connect() })?;
-    let mut underlay = Underlay {
-        subnet: match node.ip {
-            Some(ip) => runtime.block_on(nl.subnet_of(ip))?,
-            None => None,
-        },
-        vxlan_device: None,
+    let underlay_link = match node.ip {
+        Some(ip) => runtime.block_on(nl.link_with_address(ip))?,
+        None => None,
     };
-    let mut nat_applied: Option<nat::NatPlan> = None;
+    let node = NodeInfo {
+        vxlan_mac: Some(format_mac(&vxlan_mac(&node.name))),
+        underlay_mtu: underlay_link.as_ref().and_then(|(link, _)| link_mtu(link)),
+        ..node.clone()
+    };
+    register(store, &node)?;
+    let mut daemon = Daemon {
+        runtime,
+        nl,
+        underlay: Underlay {
+            subnet: underlay_link.map(|(_, net)| net),
+            vxlan_device: None,
+        },
+        node,
+        nat_applied: None,
+    };
+    let mut state: Option<IpamState> = None;
+    let mut read_at = Instant::now();
     for pass_number in 0u64.. {
-        // The NAT tables are rewritten when the plan changes, and every 20 passes anyway in
-        // case someone flushed them.
-        let pass = store.read().map_err(NetdError::from).and_then(|state| {
-            let plan = nat::nat_plan(&state);
-            if nat_applied.as_ref() != Some(&plan) || pass_number % 20 == 0 {
-                nat::apply(&plan).map_err(NetdError::Nat)?;
-                nat_applied = Some(plan);
-            }
-            runtime.block_on(async {
-                underlay.vxlan_device = ensure_tunnel(&nl, &state, &node).await?;
-                let desired = desired_routes(&state, &node.name, &underlay);
-                if let Some(device) = underlay.vxlan_device {
-                    for (ip, mac) in tunnel_peers(&state, &desired) {
-                        nl.ensure_neighbour(device, ip, mac).await?;
-                        nl.ensure_fdb(device, mac, ip).await?;
-                    }
+        if state.is_none() || read_at.elapsed() >= interval {
+            read_at = Instant::now();
+            state = match store.read() {
+                Ok(read) => Some(read),
+                Err(err) if once => return Err(err.into()),
+                Err(err) => {
+                    tracing::warn!(%err, "reading the datastore failed; retrying");
+                    None
                 }
-                reconcile(&nl, &desired).await.map_err(NetdError::from)
-            })
-        });
-        match pass {
-            Ok(done) if done.set.is_empty() && done.removed.is_empty() => {}
-            Ok(done) => {
-                tracing::info!(set = ?done.set, removed = ?done.removed, "routes converged")
+            };
+        }
+        if let Some(state) = &state {
+            match daemon.pass(state, pass_number) {
+                Ok(()) => {}
+                Err(err) if once => return Err(err),
+                Err(err) => tracing::warn!(%err, "reconcile failed; retrying"),
             }
-            Err(err) if once => return Err(err),
-            Err(err) => tracing::warn!(%err, "reconcile failed; retrying"),
         }
         if once {
             return Ok(());
         }
-        // Woken by the datastore's next change (an etcd watch), or by the resync period,
-        // which also repairs kernel state changed behind netd's back.
-        if let Err(err) = store.wait_for_change(interval) {
-            tracing::warn!(%err, "watching the datastore failed");
-            std::thread::sleep(interval);
+        match store.changes(interval.saturating_sub(read_at.elapsed())) {
+            Ok(Some(changes)) => {
+                if let Some(state) = &mut state {
+                    state.apply(changes);
+                }
+            }
+            Ok(None) => state = None,
+            Err(err) => {
+                tracing::warn!(%err, "watching the datastore failed");
+                state = None;
+                std::thread::sleep(interval);
+            }
         }
     }
     Ok(())
 }
 
-/// The VXLAN device, created when some pool encapsulates and this node has an IPv4 address.
-async fn ensure_tunnel(
-    nl: &Netlink,
-    state: &IpamState,
-    node: &NodeInfo,
-) -> Result<Option<u32>, NetlinkError> {
-    let needed = state
-        .pools()
-        .values()
-        .any(|p| p.vxlan_mode != VxlanMode::Never);
-    match (needed, node.ip) {
-        (true, Some(IpAddr::V4(local))) => {
-            let device = nl
-                .ensure_vxlan(
-                    VXLAN_DEVICE,
-                    VXLAN_VNI,
-                    VXLAN_PORT,
-                    local,
-                    vxlan_mac(&node.name),
-                    UNDERLAY_MTU - VXLAN_OVERHEAD,
-                )
-                .await?;
-            Ok(Some(device))
+/// What netd keeps between passes.
+struct Daemon {
+    runtime: tokio::runtime::Runtime,
+    nl: Netlink,
+    underlay: Underlay,
+    node: NodeInfo,
+    nat_applied: Option<nat::NatPlan>,
+}
+
+impl Daemon {
+    /// Converges NAT, the VXLAN device and its peers, and the routes to `state`.
+    fn pass(&mut self, state: &IpamState, pass_number: u64) -> Result<(), NetdError> {
+        // The NAT tables are rewritten when the plan changes, and every 20 passes anyway in
+        // case someone flushed them.
+        let plan = nat::nat_plan(state);
+        if self.nat_applied.as_ref() != Some(&plan) || pass_number.is_multiple_of(20) {
+            nat::apply(&plan).map_err(NetdError::Nat)?;
+            self.nat_applied = Some(plan);
         }
-        _ => Ok(None),
+        let (nl, node, underlay) = (&self.nl, &self.node, &mut self.underlay);
+        let (routes, peers) = self.runtime.block_on(async {
+            underlay.vxlan_device = tunnel::ensure_tunnel(nl, state, node).await?;
+            let desired = desired_routes(state, &node.name, underlay);
+            // A device left from pools that no longer encapsulate is emptied too.
+            let device = match underlay.vxlan_device {
+                Some(device) => Some(device),
+                None => nl.link(VXLAN_DEVICE).await?.map(|l| l.header.index),
+            };
+            let peers = match device {
+                Some(device) => {
+                    let peers = tunnel_peers(state, &desired);
+                    tunnel::reconcile_peers(nl, device, &peers).await?
+                }
+                None => tunnel::PeersReconciled::default(),
+            };
+            let routes = reconcile(nl, &desired).await?;
+            Ok::<_, NetdError>((routes, peers))
+        })?;
+        if !(routes.set.is_empty() && routes.removed.is_empty()) {
+            tracing::info!(set = ?routes.set, removed = ?routes.removed, "routes converged");
+        }
+        if !(peers.set.is_empty() && peers.removed.is_empty()) {
+            tracing::info!(set = ?peers.set, removed = ?peers.removed, "vxlan peers converged");
+        }
+        Ok(())
     }
 }
 
@@ -339,6 +328,7 @@ mod tests {
                 ip6: None,
                 labels: Default::default(),
                 vxlan_mac: Some(format_mac(&vxlan_mac(name))),
+                underlay_mtu: None,
             });
         }
         allocator::assign(&mut state, handle("a1", "a"), &allocator::Choice::default()).unwrap();
@@ -399,6 +389,7 @@ mod tests {
                 ip6: None,
                 labels: Default::default(),
                 vxlan_mac: Some(format_mac(&vxlan_mac(name))),
+                underlay_mtu: None,
             });
         }
         for (node, pool) in [("near", "always"), ("near", "cross"), ("far", "cross")] {

@@ -14,10 +14,14 @@
 //! which blocks until the plugin exits, so no figure is rounded up to a polling tick. Ten
 //! VERSION calls per plugin target record the bare cost of starting the plugin process.
 //!
-//! Every namespace and directory is a drop guard, so an error or a panic leaves nothing
-//! behind.
+//! Every namespace and directory is a drop guard, so an error, a panic or a stop signal
+//! ([`interrupt`]) leaves nothing behind. [`cluster`] is the multi-node benchmark (etcd
+//! IPAM, `nodekit-netd` route convergence and memory).
 
+pub mod cluster;
+pub mod cri;
 pub mod floor;
+pub mod interrupt;
 pub mod report;
 pub mod stats;
 
@@ -240,6 +244,55 @@ pub enum BenchError {
     /// A benchmark worker thread panicked.
     #[error("a benchmark worker thread panicked")]
     WorkerPanicked,
+    /// A stop signal arrived (Ctrl-C, SIGTERM, SIGHUP).
+    #[error("interrupted")]
+    Interrupted,
+    /// The multi-node lab could not be set up.
+    #[error(transparent)]
+    MultiNode(#[from] crate::lab::multinode::MultiNodeError),
+    /// Route notifications could not be subscribed to.
+    #[error(transparent)]
+    Watch(#[from] cluster::watch::WatchError),
+    /// A node's routes could not be read.
+    #[error(transparent)]
+    Inspect(crate::inspect::InspectError),
+    /// Two pods got the same address.
+    #[error("address {address} was handed out more than once: to {pods}")]
+    DuplicateAddress {
+        /// The address.
+        address: std::net::IpAddr,
+        /// The container IDs holding it.
+        pods: String,
+    },
+    /// The cluster did not reach a state in time.
+    #[error("{what} did not converge within {within:?}: {missing}")]
+    NotConverged {
+        /// What was awaited.
+        what: String,
+        /// How long it was given.
+        within: Duration,
+        /// What was still missing.
+        missing: String,
+    },
+    /// A `nodekitctl` call failed.
+    #[error("nodekitctl {args}: {reason}")]
+    Ctl {
+        /// Its arguments.
+        args: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A node's `nodekit-netd` could not be measured.
+    #[error("nodekit-netd of node {node}: {reason}")]
+    Netd {
+        /// The node.
+        node: usize,
+        /// Why.
+        reason: String,
+    },
+    /// A phase ended without a single sample.
+    #[error("{0}: no sample was taken")]
+    EmptyPhase(&'static str),
 }
 
 /// The figures of one phase.
@@ -322,6 +375,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         }
     }
     for target in runnable {
+        interrupt::check()?;
         tracing::info!(%target, pods = opts.pods, "benchmarking");
         let lab = Lab::create("bench")?;
         let results = match target {
@@ -389,11 +443,13 @@ fn measurement<T>(
     })
 }
 
-fn bench_plugin(
+/// The runtime that runs `target`'s plugins inside `lab`'s node namespace, with plugin state
+/// in its scratch directory, its version negotiated.
+fn plugin_runtime(
     lab: &Lab,
     target: Target,
     opts: &BenchOptions,
-) -> Result<Vec<Measurement>, BenchError> {
+) -> Result<CniRuntime, BenchError> {
     let (bin_dir, value) = plugin_setup(opts, target, lab.scratch());
     let conf = ConfList::from_value(value, "generated conflist")?;
     let node = NetNs::open(Path::new(NETNS_RUN_DIR).join(lab.node_name()))?;
@@ -402,6 +458,15 @@ fn bench_plugin(
     rt.negotiate()
         .1
         .map_err(|source| BenchError::Negotiate { target, source })?;
+    Ok(rt)
+}
+
+fn bench_plugin(
+    lab: &Lab,
+    target: Target,
+    opts: &BenchOptions,
+) -> Result<Vec<Measurement>, BenchError> {
+    let rt = plugin_runtime(lab, target, opts)?;
     let call_err = |op, pod, phase: &str| {
         let phase = phase.to_string();
         move |source| BenchError::Call {
@@ -554,7 +619,8 @@ struct Phase<T> {
 
 /// Runs `op(worker, i)` for every `i < n` on `conc` threads (each with its own `make()`
 /// state, built before the clock starts), each thread taking the next index as soon as it
-/// is free, so `conc` operations are in flight at once. Stops at the first error.
+/// is free, so `conc` operations are in flight at once. Stops at the first error, or when a
+/// stop signal arrived ([`interrupt::check`]).
 fn drive<W, T>(
     n: usize,
     conc: usize,
@@ -582,6 +648,10 @@ where
                             let i = next.fetch_add(1, Ordering::SeqCst);
                             if i >= n {
                                 break;
+                            }
+                            if let Err(e) = interrupt::check() {
+                                stop.store(true, Ordering::SeqCst);
+                                return Err(e);
                             }
                             let began = Instant::now();
                             match op(&mut worker, i) {

@@ -31,9 +31,6 @@ pub const NODES: usize = 3;
 /// The executables the multi-node targets need beside the plugins.
 pub const EXECUTABLES: &[&str] = &["nodekit-netd", "nodekitctl"];
 
-/// The routing protocol number of the routes nodekit-netd installs.
-const RTPROT_NODEKIT: u8 = 78;
-
 /// How long routes get to converge.
 const CONVERGE: Duration = Duration::from_secs(10);
 
@@ -104,11 +101,7 @@ impl Cluster {
         let mut list = nodekit_conflist(self.mode, self.lab.scratch());
         let plugin = &mut list["plugins"][0];
         plugin["nodeName"] = json!(multinode::node_name(i));
-        plugin["ipam"]["datastore"] = json!({
-            "type": "etcd",
-            "endpoints": [multinode::etcd_url()],
-            "prefix": multinode::ETCD_PREFIX,
-        });
+        plugin["ipam"]["datastore"] = multinode::etcd_datastore();
         if let Some(pools) = pools {
             plugin["ipam"]["pools"] = pools;
         }
@@ -176,7 +169,7 @@ impl Cluster {
     fn netd_routes(&self, i: usize) -> Result<Vec<RouteView>, CheckError> {
         Ok(inspect::routes(self.lab.node(i))?
             .into_iter()
-            .filter(|r| r.protocol == RTPROT_NODEKIT)
+            .filter(|r| r.protocol == multinode::NETD_ROUTE_PROTOCOL)
             .collect())
     }
 }
@@ -376,8 +369,9 @@ fn removed_node_loses_its_routes(c: &Cluster) -> Result<Outcome, CheckError> {
         eventually(|| match via_gone(i)? {
             v if v.is_empty() => Ok(()),
             v => Err(format!(
-                "node {i} still routes {} via {gone} (protocol {RTPROT_NODEKIT})",
-                v.join(", ")
+                "node {i} still routes {} via {gone} (protocol {})",
+                v.join(", "),
+                multinode::NETD_ROUTE_PROTOCOL
             )),
         })?;
     }

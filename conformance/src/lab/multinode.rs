@@ -32,6 +32,12 @@ pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 200);
 /// The etcd key prefix every lab component uses.
 pub const ETCD_PREFIX: &str = "/lab";
 
+/// The most nodes a lab can have (node addresses are `10.99.0.1` to `10.99.0.199`).
+pub const MAX_NODES: usize = 199;
+
+/// The routing protocol number of the routes `nodekit-netd` installs.
+pub const NETD_ROUTE_PROTOCOL: u8 = 78;
+
 /// The underlay's prefix length.
 const UNDERLAY_PREFIX: u8 = 24;
 
@@ -40,6 +46,24 @@ const ETCD_BIN: &str = "/usr/bin/etcd";
 
 /// How long etcd gets to start listening.
 const ETCD_START: Duration = Duration::from_secs(20);
+
+/// How the lab runs its daemons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultiNodeOptions {
+    /// Each netd's full resync period (`--interval-ms`); changes reach it through its etcd
+    /// watch whatever this is.
+    pub netd_resync: Duration,
+}
+
+impl Default for MultiNodeOptions {
+    /// What the conformance checks use: a 200 ms resync, so a missed watch event costs
+    /// little.
+    fn default() -> Self {
+        Self {
+            netd_resync: Duration::from_millis(200),
+        }
+    }
+}
 
 /// Setting up the multi-node lab failed.
 #[derive(Debug, thiserror::Error)]
@@ -116,9 +140,19 @@ pub struct MultiNodeLab {
 }
 
 impl MultiNodeLab {
-    /// Builds a lab of `n` nodes (at most 199), running `nodekit-netd` from `bin_dir`.
-    /// Returns once etcd listens; the netds converge on their own (poll for routes).
+    /// Builds a lab of `n` nodes (at most [`MAX_NODES`]), running `nodekit-netd` from `bin_dir`, with
+    /// the default [`MultiNodeOptions`]. Returns once etcd listens; the netds converge on
+    /// their own (poll for routes).
     pub fn create(n: usize, bin_dir: &Path) -> Result<Self, MultiNodeError> {
+        Self::create_with(n, bin_dir, &MultiNodeOptions::default())
+    }
+
+    /// [`MultiNodeLab::create`] with the daemons run as `options` say.
+    pub fn create_with(
+        n: usize,
+        bin_dir: &Path,
+        options: &MultiNodeOptions,
+    ) -> Result<Self, MultiNodeError> {
         if !Path::new(ETCD_BIN).is_file() {
             return Err(MultiNodeError::NoEtcd);
         }
@@ -153,7 +187,7 @@ impl MultiNodeLab {
         rt.block_on(wire_to_underlay(&ul, bridge, "ulout", outside))?;
         configure_eth0(outside, OUTSIDE_IP)?;
         for i in 1..=n {
-            lab.start_netd(i)?;
+            lab.start_netd(i, options.netd_resync)?;
         }
         Ok(lab)
     }
@@ -205,13 +239,13 @@ impl MultiNodeLab {
         Err(MultiNodeError::EtcdNotListening(addr))
     }
 
-    fn start_netd(&mut self, i: usize) -> Result<(), MultiNodeError> {
+    fn start_netd(&mut self, i: usize, resync: Duration) -> Result<(), MultiNodeError> {
         let path = self.bin_dir.join("nodekit-netd");
         let mut cmd = Command::new(&path);
         cmd.args(["--node-name", &node_name(i)])
             .args(["--node-ip", &node_ip(i).to_string()])
             .args(["--etcd-endpoints", &etcd_url(), "--prefix", ETCD_PREFIX])
-            .args(["--interval-ms", "200"])
+            .args(["--interval-ms", &resync.as_millis().to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -251,6 +285,19 @@ impl MultiNodeLab {
     /// The outside namespace, at [`OUTSIDE_IP`].
     pub fn outside(&self) -> Option<&NamedNetNs> {
         self.outside.as_ref()
+    }
+
+    /// The process ID of node `i` (from 1)'s `nodekit-netd`.
+    ///
+    /// # Panics
+    /// If there is no node `i`.
+    pub fn netd_pid(&self, i: usize) -> u32 {
+        self.netds[i - 1].id()
+    }
+
+    /// The process ID of etcd.
+    pub fn etcd_pid(&self) -> Option<u32> {
+        self.etcd.as_ref().map(Child::id)
     }
 
     /// A scratch directory removed with the lab.
@@ -295,12 +342,17 @@ pub fn node_name(i: usize) -> String {
 
 /// Node `i`'s underlay address: `10.99.0.i`.
 pub fn node_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 99, 0, i.min(199) as u8)
+    Ipv4Addr::new(10, 99, 0, i.min(MAX_NODES) as u8)
 }
 
 /// etcd's client URL, reachable from every namespace of the lab.
 pub fn etcd_url() -> String {
     format!("http://{UNDERLAY_GW}:2379")
+}
+
+/// The `ipam.datastore` of a nodekit network config that uses the lab's etcd.
+pub fn etcd_datastore() -> serde_json::Value {
+    serde_json::json!({"type": "etcd", "endpoints": [etcd_url()], "prefix": ETCD_PREFIX})
 }
 
 /// A single-threaded runtime and a netlink connection opened inside `ns`.

@@ -1,0 +1,4 @@
+//! The OCI side: runtime specs built from CRI requests, and container users.
+
+pub mod spec;
+pub mod user;

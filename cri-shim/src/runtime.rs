@@ -1,0 +1,388 @@
+//! The OCI runtime driver: runc or crun run as commands with `--root` under our state dir.
+//! `create` goes through the per-container monitor (see [`crate::monitor`]); the other
+//! verbs are one runtime invocation each. "Already gone" answers count as success.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::monitor::CreateReport;
+
+/// How long `create` (runtime plus monitor start-up) may take before it is abandoned.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Most bytes ExecSync keeps of each stream (the kubelet's own cap is 16 MiB).
+pub const MAX_EXEC_OUTPUT: usize = 16 << 20;
+
+/// What failed while driving the OCI runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The runtime or monitor binary could not be run.
+    #[error("running {binary}: {source}")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The runtime exited non-zero.
+    #[error("{verb} {id}: {message}")]
+    Failed {
+        /// The runtime verb (create, start, kill...).
+        verb: &'static str,
+        /// The container.
+        id: String,
+        /// The runtime's error output.
+        message: String,
+    },
+    /// ExecSync's command ran past its timeout and was killed.
+    #[error("command timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Which runtime CLI dialect to speak; both take the same verbs we use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeKind {
+    /// runc (default: works with cgroup v1 + a hybrid unified mount).
+    Runc,
+    /// crun (refuses hybrid cgroup v1 setups unless the unified mount is hidden).
+    Crun,
+}
+
+/// Output of a finished ExecSync.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// The exit code.
+    pub exit_code: i32,
+    /// Captured stdout (capped).
+    pub stdout: Vec<u8>,
+    /// Captured stderr (capped).
+    pub stderr: Vec<u8>,
+}
+
+/// One OCI runtime binary with its state root, and the monitor binary that creates
+/// containers with it.
+#[derive(Debug, Clone)]
+pub struct OciRuntime {
+    binary: PathBuf,
+    root: PathBuf,
+    monitor: PathBuf,
+}
+
+/// Parameters of one `create`.
+#[derive(Debug, Clone)]
+pub struct CreateParams<'a> {
+    /// Container ID.
+    pub id: &'a str,
+    /// Bundle directory with `config.json`.
+    pub bundle: &'a Path,
+    /// CRI log file, if the pod has a log directory.
+    pub log_path: Option<&'a Path>,
+    /// Where the monitor records the exit.
+    pub exit_file: &'a Path,
+    /// The container's memory cgroup directory (OOM detection).
+    pub memory_cgroup: Option<&'a Path>,
+}
+
+impl OciRuntime {
+    /// A runtime at `binary` keeping its state in `root`, with `monitor` as the monitor.
+    pub fn new(binary: PathBuf, root: PathBuf, monitor: PathBuf) -> Self {
+        Self {
+            binary,
+            root,
+            monitor,
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root").arg(&self.root).kill_on_drop(true);
+        cmd
+    }
+
+    async fn run(
+        &self,
+        verb: &'static str,
+        id: &str,
+        args: &[&str],
+    ) -> Result<String, RuntimeError> {
+        let out = self
+            .command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|source| RuntimeError::Spawn {
+                binary: self.binary.clone(),
+                source,
+            })?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        Err(RuntimeError::Failed {
+            verb,
+            id: id.to_string(),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+
+    /// Creates the container through a detached monitor; returns the init PID and the
+    /// monitor's PID. On failure the runtime's state for `id` is removed.
+    pub async fn create(&self, p: &CreateParams<'_>) -> Result<(i32, u32), RuntimeError> {
+        let monitor_log =
+            std::fs::File::create(p.bundle.join("monitor.log")).map_err(|source| {
+                RuntimeError::Spawn {
+                    binary: self.monitor.clone(),
+                    source,
+                }
+            })?;
+        let mut cmd = Command::new(&self.monitor);
+        cmd.arg("--runtime")
+            .arg(&self.binary)
+            .arg("--runtime-root")
+            .arg(&self.root)
+            .arg("--id")
+            .arg(p.id)
+            .arg("--bundle")
+            .arg(p.bundle)
+            .arg("--exit-file")
+            .arg(p.exit_file);
+        if let Some(log) = p.log_path {
+            cmd.arg("--log-path").arg(log);
+        }
+        if let Some(mem) = p.memory_cgroup {
+            cmd.arg("--memory-cgroup").arg(mem);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(monitor_log))
+            .spawn()
+            .map_err(|source| RuntimeError::Spawn {
+                binary: self.monitor.clone(),
+                source,
+            })?;
+        let monitor_pid = child.id().unwrap_or(0);
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let mut reader = BufReader::new(out);
+            let read = reader.read_line(&mut line);
+            if tokio::time::timeout(CREATE_TIMEOUT, read).await.is_err() {
+                let _ = child.start_kill();
+                line.clear();
+            }
+        }
+        // The monitor lives on; tokio reaps it in the background once it exits.
+        drop(child);
+        let failed = |message: String| RuntimeError::Failed {
+            verb: "create",
+            id: p.id.to_string(),
+            message,
+        };
+        let result = match serde_json::from_str::<CreateReport>(line.trim()) {
+            Ok(CreateReport::Pid(pid)) => Ok((pid, monitor_pid)),
+            Ok(CreateReport::Error(msg)) => Err(failed(msg)),
+            Err(_) => Err(failed(format!(
+                "monitor exited without a report: {}",
+                std::fs::read_to_string(p.bundle.join("monitor.log"))
+                    .unwrap_or_default()
+                    .trim()
+            ))),
+        };
+        if result.is_err() {
+            let _ = self.delete(p.id).await;
+        }
+        result
+    }
+
+    /// Starts the created container's process.
+    pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.run("start", id, &["start", id]).await.map(drop)
+    }
+
+    /// Sends `signal` (a name like `TERM` or a number) to the init process, or with `all`
+    /// to every process of the container. A stopped or absent container is success.
+    pub async fn kill(&self, id: &str, signal: &str, all: bool) -> Result<(), RuntimeError> {
+        let mut args = vec!["kill"];
+        if all {
+            args.push("--all");
+        }
+        args.extend([id, signal]);
+        match self.run("kill", id, &args).await {
+            Err(RuntimeError::Failed { message, .. }) if is_gone(&message) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Deletes the container (killing it if needed); an absent one is success.
+    pub async fn delete(&self, id: &str) -> Result<(), RuntimeError> {
+        match self.run("delete", id, &["delete", "--force", id]).await {
+            Err(RuntimeError::Failed { message, .. }) if is_gone(&message) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Applies new cgroup resources (`update --resources`, an OCI `LinuxResources` JSON file).
+    pub async fn update(&self, id: &str, resources_file: &Path) -> Result<(), RuntimeError> {
+        let path = resources_file.to_string_lossy();
+        self.run("update", id, &["update", "--resources", &path, id])
+            .await
+            .map(drop)
+    }
+
+    /// Runs `cmd` inside the container like the container's own process (user, env, cwd,
+    /// capabilities) and collects its output; past `timeout` the process is killed and
+    /// [`RuntimeError::Timeout`] returned.
+    pub async fn exec(
+        &self,
+        id: &str,
+        cmd: &[String],
+        timeout: Option<Duration>,
+        pid_file: &Path,
+    ) -> Result<ExecOutput, RuntimeError> {
+        let _ = std::fs::remove_file(pid_file);
+        let mut child = self
+            .command()
+            .arg("exec")
+            .arg("--pid-file")
+            .arg(pid_file)
+            .arg(id)
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| RuntimeError::Spawn {
+                binary: self.binary.clone(),
+                source,
+            })?;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let collect = async {
+            let (out, err) = tokio::join!(read_capped(stdout), read_capped(stderr));
+            let status = child.wait().await;
+            (out, err, status)
+        };
+        let (out, err, status) = match timeout {
+            Some(t) => match tokio::time::timeout(t, collect).await {
+                Ok(done) => done,
+                Err(_) => {
+                    kill_pid_file(pid_file);
+                    return Err(RuntimeError::Timeout(t));
+                }
+            },
+            None => collect.await,
+        };
+        let _ = std::fs::remove_file(pid_file);
+        let status = status.map_err(|source| RuntimeError::Spawn {
+            binary: self.binary.clone(),
+            source,
+        })?;
+        Ok(ExecOutput {
+            exit_code: exit_code(status),
+            stdout: out,
+            stderr: err,
+        })
+    }
+
+    /// Starts `cmd` inside the container for a streaming exec, with the given stdio: pipes, or
+    /// with `tty` one terminal (the caller's pty slave) that runc relays to a container pty.
+    /// The process's PID lands in `pid_file`; `runc exec` exits with the process's status.
+    pub fn spawn_exec(
+        &self,
+        id: &str,
+        cmd: &[String],
+        tty: bool,
+        pid_file: &Path,
+        stdio: [Stdio; 3],
+    ) -> Result<tokio::process::Child, RuntimeError> {
+        let _ = std::fs::remove_file(pid_file);
+        let [stdin, stdout, stderr] = stdio;
+        let mut command = self.command();
+        command.arg("exec").arg("--pid-file").arg(pid_file);
+        if tty {
+            command.arg("--tty");
+        }
+        command
+            .arg(id)
+            .args(cmd)
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|source| RuntimeError::Spawn {
+                binary: self.binary.clone(),
+                source,
+            })
+    }
+}
+
+/// The exit code a shell would report for `status`: the code, or 128 + the killing signal.
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
+    match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(code), _) => code,
+        (None, Some(sig)) => 128 + sig,
+        _ => 255,
+    }
+}
+
+/// Sends SIGKILL to the process whose PID is in `pid_file` (an exec's), if it is there.
+pub fn kill_pid_file(pid_file: &Path) {
+    if let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    }
+}
+
+async fn read_capped<R: tokio::io::AsyncRead + Unpin>(reader: Option<R>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let Some(mut r) = reader else {
+        return out;
+    };
+    let mut buf = [0u8; 8192];
+    while let Ok(n @ 1..) = r.read(&mut buf).await {
+        if out.len() < MAX_EXEC_OUTPUT {
+            let take = n.min(MAX_EXEC_OUTPUT - out.len());
+            out.extend_from_slice(&buf[..take]);
+        }
+    }
+    out
+}
+
+/// Runtime messages meaning the container is already stopped or gone.
+fn is_gone(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "does not exist",
+        "not exist",
+        "container not running",
+        "process already finished",
+        "no such file",
+    ]
+    .iter()
+    .any(|s| m.contains(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gone_messages_of_runc_and_crun_are_recognised() {
+        assert!(is_gone("container \"x\" does not exist"));
+        assert!(is_gone("ERRO[0000] container not running"));
+        assert!(is_gone(
+            "error opening file `/run/crun/x/status`: No such file or directory"
+        ));
+        assert!(!is_gone("permission denied"));
+    }
+}

@@ -1,0 +1,329 @@
+//! The test lab: the conformance runner's CRI lab (`nodekit_conformance::cri::lab`: a node
+//! network namespace `nk-...` with a local registry holding busybox-static images, bridge +
+//! host-local CNI config, runc), shared with suite `cri` and `nodekit-bench cri`, running the
+//! real `nodekit-cri` binary driven over its unix socket; plus this crate's test helpers (a
+//! CNI plugin that refuses pods, panicking CRI calls, a streaming client). Drop removes
+//! everything the lab made: processes, runtime containers, mounts, namespaces, cgroups.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+pub use nodekit_conformance::cri::lab::IMAGE;
+use nodekit_conformance::cri::lab::{CriRuntime, Lab as CriLab, LabOptions as CriLabOptions};
+use nodekit_nsutil::NetNs;
+use nodekit_proto::cri::v1 as cri;
+use nodekit_proto::cri::v1::image_service_client::ImageServiceClient;
+use nodekit_proto::cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::Channel;
+
+pub mod apiserver;
+
+/// A CNI plugin (in the lab's CNI bin dir) that refuses every ADD with code 11.
+const FAIL_PLUGIN: &str = "#!/bin/sh\ncat >/dev/null\n[ \"$CNI_COMMAND\" = ADD ] || exit 0\necho '{\"cniVersion\":\"1.0.0\",\"code\":11,\"msg\":\"nk-fail refuses this pod\"}'\nexit 1\n";
+
+pub struct Lab {
+    pub runtime: RuntimeServiceClient<Channel>,
+    pub images: ImageServiceClient<Channel>,
+    /// A handle on the lab's node namespace.
+    pub node: NetNs,
+    pub prefix: String,
+    pub cgroup_parent: String,
+    lab: CriLab,
+}
+
+pub struct LabOptions {
+    /// Write the bridge conflist before starting (else the conf dir is empty).
+    pub network: bool,
+    /// Start the registry and push the busybox image.
+    pub registry: bool,
+    /// A plugin type appended to the conflist (one of the fake plugins).
+    pub extra_plugin: Option<&'static str>,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        Self {
+            network: true,
+            registry: true,
+            extra_plugin: None,
+        }
+    }
+}
+
+impl std::ops::Deref for Lab {
+    type Target = CriLab;
+    fn deref(&self) -> &CriLab {
+        &self.lab
+    }
+}
+
+impl Lab {
+    pub async fn start(opts: LabOptions) -> Lab {
+        let lab = CriLab::create(&CriLabOptions {
+            network: opts.network,
+            registry: opts.registry,
+            extra_plugin: opts.extra_plugin.map(String::from),
+        })
+        .unwrap_or_else(|e| panic!("building the lab (needs root): {e}"));
+        let fail = lab.cni_bin_dir().join("nk-fail");
+        std::fs::write(&fail, FAIL_PLUGIN).unwrap();
+        std::fs::set_permissions(&fail, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let lazy = || Channel::from_static("http://[::]:1").connect_lazy();
+        let mut lab = Lab {
+            runtime: RuntimeServiceClient::new(lazy()),
+            images: ImageServiceClient::new(lazy()),
+            node: NetNs::open(lab.node().path()).unwrap(),
+            prefix: lab.prefix().to_string(),
+            cgroup_parent: lab.cgroup_parent(),
+            lab,
+        };
+        lab.start_shim().await;
+        lab
+    }
+
+    pub fn write_conflist(&self, extra_plugin: Option<&str>) {
+        self.lab.write_conflist(extra_plugin).unwrap();
+    }
+
+    pub fn shim_args(&self) -> Vec<String> {
+        self.lab.nodekit_args()
+    }
+
+    /// Starts (or restarts) `nodekit-cri` in the lab and connects the clients.
+    pub async fn start_shim(&mut self) {
+        let runtime = CriRuntime::Nodekit {
+            binary: env!("CARGO_BIN_EXE_nodekit-cri").into(),
+            args: Vec::new(),
+            log_filter: "nodekit_cri=debug,info".into(),
+        };
+        let socket = self
+            .lab
+            .start_runtime(&runtime)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ch = nodekit_proto::uds::connect(&socket)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to nodekit-cri: {e}\n{}", self.shim_log()));
+        self.runtime = RuntimeServiceClient::new(ch.clone());
+        self.images = ImageServiceClient::new(ch);
+    }
+
+    /// Kills the shim like a crash would (SIGKILL), leaving pods and containers running.
+    pub fn kill_shim(&mut self) {
+        self.lab.kill_runtime();
+    }
+
+    pub fn shim_log(&self) -> String {
+        self.lab.runtime_log()
+    }
+
+    pub fn sandbox_config(&self, name: &str) -> cri::PodSandboxConfig {
+        self.lab.template().sandbox(name)
+    }
+
+    pub fn container_config(&self, name: &str, command: &[&str]) -> cri::ContainerConfig {
+        self.lab.template().container(name, command)
+    }
+
+    pub async fn pull(&mut self) -> String {
+        self.images
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: IMAGE.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", self.shim_log()))
+            .into_inner()
+            .image_ref
+    }
+
+    pub async fn run_pod(&mut self, name: &str) -> String {
+        let config = self.sandbox_config(name);
+        self.runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.shim_log()))
+            .into_inner()
+            .pod_sandbox_id
+    }
+
+    /// Creates and starts a container; returns its ID.
+    pub async fn run_container(
+        &mut self,
+        pod: &str,
+        pod_name: &str,
+        name: &str,
+        command: &[&str],
+    ) -> String {
+        let id = self.create_container(pod, pod_name, name, command).await;
+        self.runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", self.shim_log()));
+        id
+    }
+
+    pub async fn create_container(
+        &mut self,
+        pod: &str,
+        pod_name: &str,
+        name: &str,
+        command: &[&str],
+    ) -> String {
+        let req = cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(self.container_config(name, command)),
+            sandbox_config: Some(self.sandbox_config(pod_name)),
+        };
+        self.runtime
+            .create_container(req)
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", self.shim_log()))
+            .into_inner()
+            .container_id
+    }
+
+    pub async fn container_status(&mut self, id: &str) -> cri::ContainerStatus {
+        self.runtime
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+    }
+
+    pub async fn wait_exited(&mut self, id: &str) -> cri::ContainerStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.container_status(id).await;
+            if s.state == cri::ContainerState::ContainerExited as i32 {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container {id} did not exit: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn exec(
+        &mut self,
+        id: &str,
+        cmd: &[&str],
+        timeout: i64,
+    ) -> Result<cri::ExecSyncResponse, tonic::Status> {
+        self.runtime
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Opens a streaming URL from inside the node namespace (where the shim listens on
+    /// loopback) as a WebSocket offering `protocols`.
+    pub async fn stream_connect(
+        &self,
+        url: &str,
+        protocols: &[&str],
+    ) -> Result<Channels, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let authority = url
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_else(|| panic!("not an http URL: {url}"))
+            .to_string();
+        let tcp = self
+            .node
+            .run(move || std::net::TcpStream::connect(authority.as_str()))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        tcp.set_nonblocking(true).unwrap();
+        let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+        let mut request = url.replacen("http://", "ws://", 1).into_client_request()?;
+        if !protocols.is_empty() {
+            request.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                protocols.join(", ").parse().unwrap(),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::client_async(request, tcp).await?;
+        Ok(Channels {
+            ws,
+            base64: protocols.first().is_some_and(|p| p.contains("base64")),
+        })
+    }
+}
+
+/// The client side of a `channel.k8s.io` WebSocket session.
+pub struct Channels {
+    pub ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    pub base64: bool,
+}
+
+impl Channels {
+    /// Sends `data` on `channel`.
+    pub async fn send(&mut self, channel: u8, data: &[u8]) {
+        use base64::Engine;
+        use futures::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let msg = if self.base64 {
+            let text = format!(
+                "{}{}",
+                char::from(b'0' + channel),
+                base64::engine::general_purpose::STANDARD.encode(data)
+            );
+            Message::Text(text.into())
+        } else {
+            Message::Binary([&[channel][..], data].concat().into())
+        };
+        self.ws.send(msg).await.unwrap();
+    }
+
+    /// The next message's channel and payload; `None` once the server closed.
+    pub async fn next(&mut self) -> Option<(u8, Vec<u8>)> {
+        use base64::Engine;
+        use futures::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(20), self.ws.next())
+                .await
+                .expect("no message from the streaming server within 20 s")?;
+            match msg.ok()? {
+                Message::Binary(b) if !b.is_empty() => return Some((b[0], b[1..].to_vec())),
+                Message::Text(t) if !t.is_empty() => {
+                    let data = base64::engine::general_purpose::STANDARD
+                        .decode(&t.as_bytes()[1..])
+                        .unwrap();
+                    return Some((t.as_bytes()[0] - b'0', data));
+                }
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Everything received per channel until the server closes the connection.
+    pub async fn collect(mut self) -> std::collections::BTreeMap<u8, Vec<u8>> {
+        let mut all = std::collections::BTreeMap::<u8, Vec<u8>>::new();
+        while let Some((channel, data)) = self.next().await {
+            all.entry(channel).or_default().extend(data);
+        }
+        all
+    }
+}

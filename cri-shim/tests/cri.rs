@@ -1,0 +1,850 @@
+//! End-to-end tests of the `nodekit-cri` binary over its CRI socket, inside `nk-` network
+//! namespaces with a local registry and the reference bridge + host-local CNI plugins.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Lab, LabOptions, IMAGE};
+use nodekit_proto::cri::v1 as cri;
+use tonic::Code;
+
+fn image_spec(name: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec {
+        image: name.into(),
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn version_status_and_runtime_config_report_the_runtime() {
+    let mut lab = Lab::start(LabOptions {
+        network: false,
+        registry: false,
+        extra_plugin: None,
+    })
+    .await;
+    let v = lab
+        .runtime
+        .version(cri::VersionRequest {
+            version: "v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (v.runtime_name.as_str(), v.runtime_api_version.as_str()),
+        ("nodekit-cri", "v1")
+    );
+
+    let status = |lab: &mut Lab| {
+        let mut rt = lab.runtime.clone();
+        async move {
+            rt.status(cri::StatusRequest { verbose: false })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap()
+                .conditions
+        }
+    };
+    let conds = status(&mut lab).await;
+    let net = conds.iter().find(|c| c.r#type == "NetworkReady").unwrap();
+    assert!(!net.status);
+    assert_eq!(net.reason, "NetworkPluginNotReady");
+    assert_eq!(net.message, "cni config uninitialized");
+    assert!(conds.iter().any(|c| c.r#type == "RuntimeReady" && c.status));
+
+    lab.write_conflist(None);
+    let conds = status(&mut lab).await;
+    assert!(
+        conds.iter().any(|c| c.r#type == "NetworkReady" && c.status),
+        "{conds:?}"
+    );
+
+    let rc = lab
+        .runtime
+        .runtime_config(cri::RuntimeConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rc.linux.unwrap().cgroup_driver,
+        cri::CgroupDriver::Cgroupfs as i32
+    );
+
+    let err = lab
+        .runtime
+        .attach(cri::AttachRequest {
+            container_id: "x".into(),
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert!(err.message().contains("Attach"), "{err}");
+}
+
+#[tokio::test]
+async fn images_are_pulled_listed_inspected_and_removed() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    let id = lab.pull().await;
+    assert!(id.starts_with("sha256:"), "{id}");
+
+    for name in [IMAGE, id.as_str()] {
+        let img = lab
+            .images
+            .image_status(cri::ImageStatusRequest {
+                image: image_spec(name),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image
+            .unwrap_or_else(|| panic!("ImageStatus({name}) is nil"));
+        assert_eq!(img.id, id);
+        assert_eq!(img.repo_tags, [IMAGE]);
+        assert!(img.repo_digests[0].starts_with("127.0.0.1:5000/nk/busybox@sha256:"));
+        assert!(
+            img.size > 500_000,
+            "compressed busybox is ~1 MB: {}",
+            img.size
+        );
+    }
+    let list = lab
+        .images
+        .list_images(cri::ListImagesRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.images.len(), 1);
+    let fs = lab
+        .images
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(fs.image_filesystems[0].used_bytes.as_ref().unwrap().value > 1_000_000);
+
+    let missing = lab
+        .images
+        .pull_image(cri::PullImageRequest {
+            image: image_spec("127.0.0.1:5000/nk/busybox:nope"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing}");
+
+    for _ in 0..2 {
+        lab.images
+            .remove_image(cri::RemoveImageRequest {
+                image: image_spec(IMAGE),
+            })
+            .await
+            .unwrap();
+    }
+    let gone = lab
+        .images
+        .image_status(cri::ImageStatusRequest {
+            image: image_spec(&id),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        gone.image.is_none(),
+        "ImageStatus of a removed image is nil, not an error"
+    );
+    let fs = lab
+        .images
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        fs.image_filesystems[0].used_bytes.as_ref().unwrap().value,
+        0,
+        "layers removed"
+    );
+}
+
+#[tokio::test]
+async fn pods_get_addresses_and_reach_each_other() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let web = lab.run_pod("web").await;
+    let client = lab.run_pod("client").await;
+    let status = lab
+        .runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: web.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.state, cri::PodSandboxState::SandboxReady as i32);
+    let web_ip = status.network.unwrap().ip;
+    assert!(
+        web_ip.starts_with("10.88."),
+        "pod IP from host-local: {web_ip:?}"
+    );
+
+    let server = lab
+        .run_container(
+            &web,
+            "web",
+            "httpd",
+            &["httpd", "-f", "-p", "8080", "-h", "/www"],
+        )
+        .await;
+    let probe = lab
+        .run_container(&client, "client", "probe", &["sleep", "3600"])
+        .await;
+    let hostname = lab.exec(&probe, &["hostname"], 5).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&hostname.stdout).trim(), "client");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let url = format!("http://{web_ip}:8080/index.html");
+    loop {
+        let got = lab
+            .exec(&probe, &["wget", "-q", "-O", "-", &url], 5)
+            .await
+            .unwrap();
+        if got.exit_code == 0 {
+            assert_eq!(String::from_utf8_lossy(&got.stdout), "hello from nk\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "client pod cannot reach {url}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = server;
+}
+
+/// `<RFC3339Nano> <stream> <F|P> <msg>` records of a CRI log file.
+fn log_records(path: &str) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut it = l.splitn(4, ' ');
+            let ts = it.next().unwrap();
+            assert!(
+                ts.ends_with('Z') && ts.contains('T') && ts.len() == 30,
+                "RFC3339Nano: {ts}"
+            );
+            let stream = it.next().unwrap().to_string();
+            let tag = it.next().unwrap().to_string();
+            (stream, tag, it.next().unwrap_or("").to_string())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn containers_exit_with_their_code_and_log_in_cri_format() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("jobs").await;
+    let failing = lab
+        .run_container(
+            &pod,
+            "jobs",
+            "failing",
+            &["sh", "-c", "echo out; echo err >&2; exit 3"],
+        )
+        .await;
+    let ok = lab.run_container(&pod, "jobs", "ok", &["true"]).await;
+
+    let s = lab.wait_exited(&failing).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (3, "Error"));
+    assert!(s.started_at > 0 && s.finished_at >= s.started_at, "{s:?}");
+    assert_eq!(s.image.unwrap().image, IMAGE);
+    let mut records = log_records(&s.log_path);
+    records.sort();
+    assert_eq!(
+        records,
+        [
+            ("stderr".to_string(), "F".to_string(), "err".to_string()),
+            ("stdout".to_string(), "F".to_string(), "out".to_string())
+        ],
+        "log at {}",
+        s.log_path
+    );
+    let s = lab.wait_exited(&ok).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"));
+
+    let exited = lab
+        .runtime
+        .list_containers(cri::ListContainersRequest {
+            filter: Some(cri::ContainerFilter {
+                pod_sandbox_id: pod.clone(),
+                state: Some(cri::ContainerStateValue {
+                    state: cri::ContainerState::ContainerExited as i32,
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(exited.len(), 2);
+}
+
+#[tokio::test]
+async fn exec_sync_returns_output_and_exit_code_and_honours_its_timeout() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("exec").await;
+    let c = lab
+        .run_container(&pod, "exec", "sleeper", &["sleep", "3600"])
+        .await;
+
+    let out = lab
+        .exec(&c, &["sh", "-c", "echo hi; echo oops >&2; exit 7"], 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stdout.as_slice(), out.stderr.as_slice(), out.exit_code),
+        (&b"hi\n"[..], &b"oops\n"[..], 7)
+    );
+    let id = lab.exec(&c, &["id", "-u"], 10).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&id.stdout).trim(), "0");
+
+    let started = Instant::now();
+    let err = lab.exec(&c, &["sleep", "30"], 1).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "timeout took {:?}",
+        started.elapsed()
+    );
+    let ps = lab.exec(&c, &["ps"], 10).await.unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ps.stdout).contains("sleep 30"),
+        "timed-out process killed: {ps:?}"
+    );
+
+    let stats = lab
+        .runtime
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(stats.memory.unwrap().working_set_bytes.unwrap().value > 0);
+    assert!(stats.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
+    let pod_stats = lab
+        .runtime
+        .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert_eq!(pod_stats.linux.unwrap().containers.len(), 1);
+
+    lab.runtime
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: c.clone(),
+            linux: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 64 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let limit = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory{}/{c}/memory.limit_in_bytes",
+        lab.cgroup_parent
+    ))
+    .unwrap();
+    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+}
+
+#[tokio::test]
+async fn stop_and_remove_are_idempotent_and_leave_nothing_behind() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("gone").await;
+    // sleep as PID 1 ignores SIGTERM: the stop timeout must end in SIGKILL.
+    let c = lab
+        .run_container(&pod, "gone", "stubborn", &["sleep", "3600"])
+        .await;
+    let started = Instant::now();
+    for _ in 0..2 {
+        lab.runtime
+            .stop_container(cri::StopContainerRequest {
+                container_id: c.clone(),
+                timeout: 1,
+            })
+            .await
+            .unwrap();
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited for the stop timeout"
+    );
+    let s = lab.container_status(&c).await;
+    assert_eq!(
+        (s.state, s.exit_code),
+        (cri::ContainerState::ContainerExited as i32, 137)
+    );
+    for _ in 0..2 {
+        lab.runtime
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: c.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let err = lab
+        .runtime
+        .container_status(cri::ContainerStatusRequest {
+            container_id: c.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    lab.run_container(&pod, "gone", "second", &["sleep", "3600"])
+        .await;
+    // Created but never started: StopPodSandbox must kill it too.
+    let idle = lab
+        .create_container(&pod, "gone", "idle", &["sleep", "3600"])
+        .await;
+    for _ in 0..2 {
+        lab.runtime
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let status = lab
+        .runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.state, cri::PodSandboxState::SandboxNotready as i32);
+    let idle = lab.container_status(&idle).await;
+    assert_eq!(idle.state, cri::ContainerState::ContainerExited as i32);
+    assert!(
+        lab.leftover_netns().is_empty(),
+        "StopPodSandbox removes the netns"
+    );
+    for _ in 0..2 {
+        lab.runtime
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let pods = lab
+        .runtime
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pods.items.is_empty());
+    let containers = lab
+        .runtime
+        .list_containers(cri::ListContainersRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(containers.containers.is_empty());
+    assert!(lab.leftover_runtime_containers().is_empty());
+    assert!(
+        lab.leftover_mounts().is_empty(),
+        "{:?}",
+        lab.leftover_mounts()
+    );
+    assert!(lab.cgroup_pids().is_empty(), "pause and containers gone");
+    let ips: Vec<_> = std::fs::read_dir(lab.path("ipam/nk-test"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        ips.iter().all(|n| !n.to_string_lossy().starts_with("10.")),
+        "addresses released: {ips:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_name_the_field_and_unknown_ids_are_not_found() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    let mut no_meta = lab.sandbox_config("bad");
+    no_meta.metadata = None;
+    let err = lab
+        .runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(no_meta),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("config.metadata"), "{err}");
+    let mut no_name = lab.sandbox_config("bad");
+    no_name.metadata.as_mut().unwrap().name.clear();
+    let err = lab
+        .runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(no_name),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.code() == Code::InvalidArgument && err.message().contains("config.metadata.name"),
+        "{err}"
+    );
+
+    let pod = lab.run_pod("ok").await;
+    let mut no_image = lab.container_config("c", &["true"]);
+    no_image.image = None;
+    let err = lab
+        .runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(no_image),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.code() == Code::InvalidArgument && err.message().contains("config.image.image"),
+        "{err}"
+    );
+    let not_pulled = lab.container_config("c", &["true"]);
+    let err = lab
+        .runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(not_pulled),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "image not present: {err}");
+
+    let unknown = "0".repeat(64);
+    let err = lab
+        .runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: unknown.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = lab
+        .runtime
+        .start_container(cri::StartContainerRequest {
+            container_id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = lab
+        .runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: unknown.clone(),
+            config: Some(lab.container_config("c", &["true"])),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = lab
+        .runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    lab.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: unknown.clone(),
+        })
+        .await
+        .unwrap();
+    lab.runtime
+        .remove_container(cri::RemoveContainerRequest {
+            container_id: unknown,
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn cni_add_failure_rolls_back_everything() {
+    let mut lab = Lab::start(LabOptions {
+        extra_plugin: Some("nk-fail"),
+        ..Default::default()
+    })
+    .await;
+    let config = lab.sandbox_config("doomed");
+    let err = lab
+        .runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("nk-fail refuses this pod"),
+        "plugin message surfaces: {err}"
+    );
+    let pods = lab
+        .runtime
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pods.items.is_empty());
+    assert!(lab.leftover_netns().is_empty(), "netns removed");
+    assert!(lab.cgroup_pids().is_empty(), "no pause left");
+    let held: Vec<_> = std::fs::read_dir(lab.path("ipam/nk-test"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("10."))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        held.is_empty(),
+        "bridge's address released by DEL: {held:?}"
+    );
+    assert!(
+        std::fs::read_dir(lab.path("state/sandboxes"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "no sandbox state"
+    );
+
+    // The name is free again once the network works.
+    lab.write_conflist(None);
+    lab.run_pod("doomed").await;
+}
+
+#[tokio::test]
+async fn a_restarted_shim_finds_running_sandboxes_and_containers() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("survivor").await;
+    let c = lab
+        .run_container(
+            &pod,
+            "survivor",
+            "loop",
+            &["sh", "-c", "while true; do echo tick; sleep 0.2; done"],
+        )
+        .await;
+    lab.kill_shim();
+    lab.start_shim().await;
+
+    let pods = lab
+        .runtime
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pods.items.len(), 1);
+    assert_eq!(
+        pods.items[0].state,
+        cri::PodSandboxState::SandboxReady as i32
+    );
+    let s = lab.container_status(&c).await;
+    assert_eq!(s.state, cri::ContainerState::ContainerRunning as i32);
+    let out = lab.exec(&c, &["echo", "still here"], 5).await.unwrap();
+    assert_eq!(out.stdout, b"still here\n");
+    let before = log_records(&s.log_path).len();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        log_records(&s.log_path).len() > before,
+        "the monitor kept logging across the restart"
+    );
+
+    // Log rotation: the kubelet renames the file, then asks for a reopen.
+    std::fs::rename(&s.log_path, format!("{}.1", s.log_path)).unwrap();
+    lab.runtime
+        .reopen_container_log(cri::ReopenContainerLogRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !log_records(&s.log_path).is_empty(),
+        "the monitor reopened the log"
+    );
+
+    lab.runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+    lab.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+    assert!(
+        lab.leftover_netns().is_empty(),
+        "netns removed by path after the restart"
+    );
+    assert!(lab.leftover_runtime_containers().is_empty());
+    assert!(lab.leftover_mounts().is_empty());
+}
+
+#[tokio::test]
+async fn a_process_that_cannot_start_leaves_no_runtime_state() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("broken").await;
+    let req = cri::CreateContainerRequest {
+        pod_sandbox_id: pod.clone(),
+        config: Some(lab.container_config("nope", &["/no/such/binary"])),
+        sandbox_config: None,
+    };
+    let created = lab.runtime.create_container(req).await;
+    match created {
+        Err(err) => assert!(err.message().contains("/no/such/binary"), "{err}"),
+        Ok(resp) => {
+            let id = resp.into_inner().container_id;
+            let err = lab
+                .runtime
+                .start_container(cri::StartContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .unwrap_err();
+            assert!(err.message().contains("/no/such/binary"), "{err}");
+            let s = lab.container_status(&id).await;
+            assert_eq!(
+                (s.state, s.reason.as_str()),
+                (cri::ContainerState::ContainerExited as i32, "StartError")
+            );
+        }
+    }
+    assert!(
+        lab.leftover_runtime_containers().is_empty(),
+        "{:?}",
+        lab.leftover_runtime_containers()
+    );
+}
+
+#[tokio::test]
+async fn host_network_pods_skip_cni_and_share_the_node_namespace() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let mut config = lab.sandbox_config("hostnet");
+    config.linux.as_mut().unwrap().security_context = Some(cri::LinuxSandboxSecurityContext {
+        namespace_options: Some(cri::NamespaceOption {
+            network: cri::NamespaceMode::Node as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod = lab
+        .runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    assert!(
+        lab.leftover_netns().is_empty(),
+        "no pod netns for hostNetwork"
+    );
+    let status = lab
+        .runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.network.unwrap().ip, "");
+    let req = cri::CreateContainerRequest {
+        pod_sandbox_id: pod.clone(),
+        config: Some(lab.container_config("c", &["sleep", "3600"])),
+        sandbox_config: Some(config),
+    };
+    let c = lab
+        .runtime
+        .create_container(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    lab.runtime
+        .start_container(cri::StartContainerRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .unwrap();
+    // The registry listens on the node namespace's loopback: reachable only from there.
+    let got = lab
+        .exec(
+            &c,
+            &["wget", "-q", "-O", "-", "http://127.0.0.1:5000/v2/"],
+            5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.exit_code, 0, "{got:?}");
+    let host = nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let name = lab.exec(&c, &["hostname"], 5).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&name.stdout).trim(), host);
+    lab.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+    assert!(lab.leftover_runtime_containers().is_empty());
+}

@@ -1,0 +1,483 @@
+//! End-to-end tests of the streaming server: Exec and PortForward URLs from the CRI socket,
+//! opened as `channel.k8s.io` WebSockets the way a kubelet's proxy opens them.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{Lab, LabOptions};
+use nodekit_proto::cri::v1 as cri;
+use tokio_tungstenite::tungstenite;
+use tonic::Code;
+
+const STDIN: u8 = 0;
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+const ERROR: u8 = 3;
+const RESIZE: u8 = 4;
+const CLOSE: u8 = 255;
+
+/// A pod with one running `sleep` container: (lab, container ID, sandbox ID).
+async fn lab_with_container(name: &str) -> (Lab, String, String) {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod(name).await;
+    let id = lab
+        .run_container(&pod, name, "main", &["sleep", "3600"])
+        .await;
+    (lab, id, pod)
+}
+
+fn exec_request(id: &str, cmd: &[&str], stdin: bool, tty: bool) -> cri::ExecRequest {
+    cri::ExecRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty,
+        stdin,
+        stdout: true,
+        stderr: !tty,
+    }
+}
+
+async fn exec_url(lab: &mut Lab, req: cri::ExecRequest) -> String {
+    let url = lab
+        .runtime
+        .exec(req)
+        .await
+        .unwrap_or_else(|e| panic!("Exec: {e}\n{}", lab.shim_log()))
+        .into_inner()
+        .url;
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    url
+}
+
+fn status(all: &BTreeMap<u8, Vec<u8>>) -> serde_json::Value {
+    let raw = all.get(&ERROR).map(Vec::as_slice).unwrap_or_default();
+    serde_json::from_slice(raw)
+        .unwrap_or_else(|e| panic!("error channel {:?}: {e}", String::from_utf8_lossy(raw)))
+}
+
+fn text(all: &BTreeMap<u8, Vec<u8>>, channel: u8) -> String {
+    String::from_utf8_lossy(all.get(&channel).map(Vec::as_slice).unwrap_or_default()).into_owned()
+}
+
+#[tokio::test]
+async fn exec_without_tty_streams_stdout_stderr_stdin_and_the_exit_code() {
+    let (mut lab, id, _) = lab_with_container("wsexec").await;
+
+    let cmd = ["sh", "-c", "echo out; echo err >&2; exit 3"];
+    let url = exec_url(&mut lab, exec_request(&id, &cmd, false, false)).await;
+    let all = lab
+        .stream_connect(&url, &["v5.channel.k8s.io", "v4.channel.k8s.io"])
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(text(&all, STDOUT), "out\n");
+    assert_eq!(text(&all, STDERR), "err\n");
+    let st = status(&all);
+    assert_eq!(st["status"], "Failure", "{st}");
+    assert_eq!(st["reason"], "NonZeroExitCode", "{st}");
+    assert_eq!(st["details"]["causes"][0]["reason"], "ExitCode", "{st}");
+    assert_eq!(st["details"]["causes"][0]["message"], "3", "{st}");
+
+    // v5: stdin, ended with the CLOSE message.
+    let url = exec_url(&mut lab, exec_request(&id, &["cat"], true, false)).await;
+    let mut ch = lab
+        .stream_connect(&url, &["v5.channel.k8s.io"])
+        .await
+        .unwrap();
+    ch.send(STDIN, b"hello ").await;
+    ch.send(STDIN, b"there\n").await;
+    ch.send(CLOSE, &[STDIN]).await;
+    let all = ch.collect().await;
+    assert_eq!(text(&all, STDOUT), "hello there\n");
+    assert_eq!(status(&all)["status"], "Success");
+
+    // v4 base64: text messages.
+    let url = exec_url(&mut lab, exec_request(&id, &["echo", "b64"], false, false)).await;
+    let all = lab
+        .stream_connect(&url, &["v4.base64.channel.k8s.io"])
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(text(&all, STDOUT), "b64\n");
+    assert_eq!(status(&all)["status"], "Success");
+
+    // A command that cannot run fails on the error channel.
+    let url = exec_url(&mut lab, exec_request(&id, &["/no/such"], false, false)).await;
+    let all = lab
+        .stream_connect(&url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(status(&all)["status"], "Failure", "{all:?}");
+}
+
+#[tokio::test]
+async fn exec_with_tty_has_a_terminal_that_echoes_and_resizes() {
+    let (mut lab, id, _) = lab_with_container("wstty").await;
+    let script =
+        "tty; while read line; do [ \"$line\" = q ] && exit 0; echo got:$line; stty size; done";
+    let url = exec_url(
+        &mut lab,
+        exec_request(&id, &["sh", "-c", script], true, true),
+    )
+    .await;
+    let mut ch = lab
+        .stream_connect(&url, &["v5.channel.k8s.io"])
+        .await
+        .unwrap();
+    ch.send(RESIZE, br#"{"Width":100,"Height":30}"#).await;
+    let mut out = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Resizes travel apart from input: ask until the new size shows.
+    while !out.contains("30 100") {
+        assert!(Instant::now() < deadline, "terminal never resized: {out:?}");
+        ch.send(STDIN, b"hi\r").await;
+        let wait = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < wait {
+            match tokio::time::timeout(Duration::from_millis(100), ch.next()).await {
+                Ok(Some((STDOUT, data))) => out.push_str(&String::from_utf8_lossy(&data)),
+                Ok(Some((channel, data))) => panic!("unexpected channel {channel}: {data:?}"),
+                Ok(None) => panic!("session closed early: {out:?}"),
+                Err(_) => {}
+            }
+        }
+    }
+    assert!(out.contains("/dev/pts/"), "tty output: {out:?}");
+    // The terminal echoes input and turns the typed \r into a line.
+    assert!(out.contains("hi\r\n"), "no echo: {out:?}");
+    assert!(out.contains("got:hi"), "{out:?}");
+    ch.send(STDIN, b"q\r").await;
+    let all = ch.collect().await;
+    assert!(
+        !all.contains_key(&STDERR),
+        "a terminal has no stderr: {all:?}"
+    );
+    assert_eq!(status(&all)["status"], "Success", "{all:?}");
+}
+
+#[tokio::test]
+async fn streaming_urls_are_single_use_and_requests_are_validated() {
+    let (mut lab, id, pod) = lab_with_container("wsurl").await;
+    let http_status = |e: tungstenite::Error| match e {
+        tungstenite::Error::Http(resp) => resp.status().as_u16(),
+        other => panic!("expected an HTTP error, got {other}"),
+    };
+
+    let url = exec_url(&mut lab, exec_request(&id, &["true"], false, false)).await;
+    let bogus = format!("{}0", &url[..url.rfind('/').unwrap() + 1]);
+    let err = lab.stream_connect(&bogus, &["v4.channel.k8s.io"]).await;
+    assert_eq!(http_status(err.err().unwrap()), 404);
+    // The token belongs to exec: not valid at /attach/.
+    let wrong_kind = url.replace("/exec/", "/attach/");
+    let err = lab
+        .stream_connect(&wrong_kind, &["v4.channel.k8s.io"])
+        .await;
+    assert_eq!(http_status(err.err().unwrap()), 404);
+
+    let url = exec_url(&mut lab, exec_request(&id, &["true"], false, false)).await;
+    let all = lab
+        .stream_connect(&url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(status(&all)["status"], "Success");
+    let err = lab.stream_connect(&url, &["v4.channel.k8s.io"]).await;
+    assert_eq!(http_status(err.err().unwrap()), 404, "a token is used once");
+
+    // Requests the CRI rules refuse, and containers that cannot exec.
+    let mut tty_stderr = exec_request(&id, &["true"], false, true);
+    tty_stderr.stderr = true;
+    let mut no_streams = exec_request(&id, &["true"], false, false);
+    no_streams.stdout = false;
+    no_streams.stderr = false;
+    for (req, code) in [
+        (tty_stderr, Code::InvalidArgument),
+        (no_streams, Code::InvalidArgument),
+        (exec_request(&id, &[], false, false), Code::InvalidArgument),
+        (
+            exec_request("nope", &["true"], false, false),
+            Code::NotFound,
+        ),
+    ] {
+        let err = lab.runtime.exec(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), code, "{req:?}: {err}");
+    }
+    let exited = lab.run_container(&pod, "wsurl", "done", &["true"]).await;
+    lab.wait_exited(&exited).await;
+    let err = lab
+        .runtime
+        .exec(exec_request(&exited, &["true"], false, false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    let err = lab
+        .runtime
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: "nope".into(),
+            port: vec![80],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+}
+
+#[tokio::test]
+async fn port_forward_reaches_a_port_inside_the_pod() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("wspf").await;
+    lab.run_container(
+        &pod,
+        "wspf",
+        "web",
+        &["httpd", "-f", "-p", "8080", "-h", "/www"],
+    )
+    .await;
+    let url_for = |ports: Vec<i32>| {
+        let mut rt = lab.runtime.clone();
+        let pod = pod.clone();
+        async move {
+            rt.port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: pod,
+                port: ports,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url
+        }
+    };
+
+    // httpd may take a moment to listen: retry until it answers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        let url = url_for(vec![8080]).await;
+        let mut ch = lab
+            .stream_connect(&url, &["v4.channel.k8s.io"])
+            .await
+            .unwrap();
+        // Each channel opens with its port, little-endian.
+        assert_eq!(ch.next().await, Some((0, 8080u16.to_le_bytes().to_vec())));
+        assert_eq!(ch.next().await, Some((1, 8080u16.to_le_bytes().to_vec())));
+        ch.send(0, b"GET /index.html HTTP/1.0\r\n\r\n").await;
+        let all = ch.collect().await;
+        if all.get(&0).is_some_and(|d| !d.is_empty()) {
+            break String::from_utf8_lossy(&all[&0]).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reply through the forward: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(reply.starts_with("HTTP/1."), "{reply}");
+    assert!(reply.contains("hello from nk"), "{reply}");
+
+    // A port nobody listens on: the error channel says so.
+    let url = url_for(vec![9]).await;
+    let mut ch = lab
+        .stream_connect(&url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    ch.next().await;
+    ch.next().await;
+    let all = ch.collect().await;
+    let error = text(&all, 1);
+    assert!(error.contains("localhost:9"), "{all:?}");
+}
+
+/// Runs `kubectl` (client-go's real WebSocket and SPDY clients) in the node namespace against
+/// the stand-in API server, which proxies to the shim's streaming server like a kubelet.
+async fn kubectl(
+    lab: &Lab,
+    api: &common::apiserver::ApiServer,
+    env: &[(&str, &str)],
+    args: &[&str],
+    input: &[u8],
+) -> std::process::Output {
+    assert!(
+        which("kubectl"),
+        "kubectl is missing: install it (apt-get install kubectl) for the client-go checks"
+    );
+    let mut cmd = tokio::process::Command::new("kubectl");
+    cmd.arg(format!("--server=http://{}", api.addr))
+        .arg(format!("--namespace={}", common::apiserver::NAMESPACE))
+        .arg("--kubeconfig=/dev/null")
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    lab.node.apply_to_command(cmd.as_std_mut());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, input)
+        .await
+        .unwrap();
+    drop(stdin);
+    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("kubectl ran past 60 s")
+        .unwrap()
+}
+
+fn which(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+}
+
+#[tokio::test]
+async fn kubectl_exec_works_over_websocket_and_spdy() {
+    let (lab, id, pod) = lab_with_container("kexec").await;
+    let api = common::apiserver::ApiServer::start(
+        lab.node.path().to_path_buf(),
+        lab.runtime.clone(),
+        &pod,
+        &id,
+        "main",
+    );
+    let cmd = [
+        "exec",
+        common::apiserver::POD,
+        "-c",
+        "main",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ];
+    // kubectl speaks WebSocket v5 by default, SPDY/3.1 (v4.channel.k8s.io) when told.
+    for env in [
+        &[][..],
+        &[("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")][..],
+    ] {
+        let out = kubectl(&lab, &api, env, &cmd, b"").await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{env:?}: stdout {stdout:?} stderr {stderr:?}\n{}",
+            lab.shim_log()
+        );
+        assert_eq!(stdout, "out\n", "{env:?}");
+        assert!(stderr.starts_with("err\n"), "{env:?}: {stderr:?}");
+        // stdin, ended by kubectl when its own input ends.
+        let cat = [
+            "exec",
+            "-i",
+            common::apiserver::POD,
+            "-c",
+            "main",
+            "--",
+            "cat",
+        ];
+        let out = kubectl(&lab, &api, env, &cat, b"piped in\n").await;
+        assert_eq!(
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).as_ref()
+            ),
+            (Some(0), "piped in\n"),
+            "{env:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn kubectl_port_forward_reaches_the_pod_over_spdy() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("kpf").await;
+    let id = lab
+        .run_container(
+            &pod,
+            "kpf",
+            "web",
+            &["httpd", "-f", "-p", "8080", "-h", "/www"],
+        )
+        .await;
+    let api = common::apiserver::ApiServer::start(
+        lab.node.path().to_path_buf(),
+        lab.runtime.clone(),
+        &pod,
+        &id,
+        "web",
+    );
+    assert!(
+        which("kubectl"),
+        "kubectl is missing: install it for the client-go checks"
+    );
+    let mut cmd = tokio::process::Command::new("kubectl");
+    cmd.arg(format!("--server=http://{}", api.addr))
+        .arg(format!("--namespace={}", common::apiserver::NAMESPACE))
+        .arg("--kubeconfig=/dev/null")
+        .args(["port-forward", common::apiserver::POD, "18080:8080"])
+        .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    lab.node.apply_to_command(cmd.as_std_mut());
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reply = loop {
+        // Off the runtime thread: the stand-in API server relays on it meanwhile.
+        let netns = lab.node.path().to_path_buf();
+        let got = tokio::task::spawn_blocking(move || {
+            nodekit_nsutil::NetNs::open(&netns)
+                .unwrap()
+                .run(|| -> std::io::Result<String> {
+                    use std::io::{Read, Write};
+                    let mut conn = std::net::TcpStream::connect("127.0.0.1:18080")?;
+                    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    conn.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+                    // Whatever arrives until the end or a quiet spell.
+                    let mut reply = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = conn.read(&mut buf) {
+                        reply.extend_from_slice(&buf[..n]);
+                    }
+                    Ok(String::from_utf8_lossy(&reply).into_owned())
+                })
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        match got {
+            Ok(reply) if reply.contains("hello from nk") => break reply,
+            other => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let out = child.wait_with_output().await.unwrap();
+                    panic!(
+                        "kubectl port-forward exited {status}: {}\n{}",
+                        String::from_utf8_lossy(&out.stderr),
+                        lab.shim_log()
+                    );
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.start_kill();
+                    let out = child.wait_with_output().await.unwrap();
+                    panic!(
+                        "no reply through kubectl: {other:?}\n{}{}\n{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr),
+                        lab.shim_log()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(reply.starts_with("HTTP/1."), "{reply}");
+    let _ = child.kill().await;
+}
