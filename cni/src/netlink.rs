@@ -646,21 +646,22 @@ impl Netlink {
     }
 
     /// The permanent neighbour entries (IPv4 and IPv6) on interface `index`: the ones
-    /// [`Netlink::ensure_neighbour`] makes, not those the kernel resolves by itself.
+    /// [`Netlink::ensure_neighbour`] makes, not those the kernel resolves by itself. One dump
+    /// of both families, which the kernel already narrows to the interface (NDA_IFINDEX).
     pub async fn permanent_neighbours(
         &self,
         index: u32,
     ) -> Result<Vec<(IpAddr, [u8; 6])>, NetlinkError> {
-        let mut out = Vec::new();
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            let msgs = self
-                .dump("neighbours", || {
-                    let mut msg = NeighbourMessage::default();
-                    msg.header.family = family;
-                    RouteNetlinkMessage::GetNeighbour(msg)
-                })
-                .await?;
-            out.extend(msgs.into_iter().filter_map(|m| match m {
+        let msgs = self
+            .dump("neighbours", || {
+                let mut msg = NeighbourMessage::default();
+                msg.attributes = vec![NeighbourAttribute::IfIndex(index)];
+                RouteNetlinkMessage::GetNeighbour(msg)
+            })
+            .await?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
                 RouteNetlinkMessage::NewNeighbour(n)
                     if n.header.ifindex == index && n.header.state == NeighbourState::Permanent =>
                 {
@@ -671,9 +672,8 @@ impl Netlink {
                     Some((ip, neighbour_mac(&n)?))
                 }
                 _ => None,
-            }));
-        }
-        Ok(out)
+            })
+            .collect())
     }
 
     /// Deletes the neighbour entry for `ip` on interface `index`; already gone is fine.

@@ -14,6 +14,7 @@ pub mod device_plugin;
 pub mod inspect;
 pub mod lab;
 pub mod report;
+pub mod suite;
 
 use std::path::PathBuf;
 

@@ -11,6 +11,7 @@ use nodekit_conformance::csi::CsiTarget;
 use nodekit_conformance::device_plugin::DevicePluginTarget;
 use nodekit_conformance::report::Reporter;
 use nodekit_conformance::{run, RunOptions};
+use nodekit_proto::uds::endpoint_path;
 use regex::Regex;
 
 /// Conformance runner for node-side Kubernetes plugin contracts.
@@ -99,16 +100,6 @@ struct Cli {
     cri_image: String,
 }
 
-/// The path of a `unix://` endpoint.
-fn unix_path(endpoint: &str) -> PathBuf {
-    PathBuf::from(
-        endpoint
-            .strip_prefix("unix://")
-            .or_else(|| endpoint.strip_prefix("unix:"))
-            .unwrap_or(endpoint),
-    )
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -132,14 +123,14 @@ fn main() -> ExitCode {
     };
     let csi = match cli.csi_endpoint {
         Some(endpoint) => CsiTarget::Endpoint {
-            socket: unix_path(&endpoint),
+            socket: endpoint_path(&endpoint).to_path_buf(),
             kubelet_root: cli.csi_kubelet_root,
         },
         None => CsiTarget::Nodekit,
     };
     let cri = match (cli.cri_endpoint, cli.cri_containerd) {
         (Some(endpoint), _) => vec![CriTarget::Endpoint {
-            socket: unix_path(&endpoint),
+            socket: endpoint_path(&endpoint).to_path_buf(),
             image: cli.cri_image,
         }],
         (None, true) => vec![CriTarget::Nodekit, CriTarget::Containerd],

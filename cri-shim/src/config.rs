@@ -61,7 +61,7 @@ pub struct Options {
 impl Options {
     /// The socket path from `--listen`.
     pub fn socket_path(&self) -> PathBuf {
-        PathBuf::from(self.listen.strip_prefix("unix://").unwrap_or(&self.listen))
+        nodekit_proto::uds::endpoint_path(&self.listen).to_path_buf()
     }
 
     /// A helper binary: the flag's value, else `name` beside the running executable.

@@ -102,6 +102,24 @@ pub enum CriError {
     },
 }
 
+impl CriError {
+    /// INVALID_ARGUMENT for the request field `field`, saying `reason`.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// `value`, or INVALID_ARGUMENT for `field` when it is empty.
+    pub fn non_empty<'a>(value: &'a str, field: &'static str) -> Result<&'a str, Self> {
+        if value.is_empty() {
+            return Err(Self::invalid(field, "must not be empty"));
+        }
+        Ok(value)
+    }
+}
+
 impl From<CniError> for CriError {
     fn from(e: CniError) -> Self {
         match e {

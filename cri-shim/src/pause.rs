@@ -11,6 +11,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use nodekit_nsutil::{NetNs, NsError};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::process::ProcessRef;
@@ -36,6 +37,9 @@ pub enum PauseError {
         #[source]
         source: std::io::Error,
     },
+    /// The pod netns could not be opened.
+    #[error(transparent)]
+    Netns(#[from] NsError),
     /// The pause binary exited without reporting its PID.
     #[error("pause process failed to start: {0}")]
     NoReport(String),
@@ -71,10 +75,7 @@ pub fn run(args: &PauseArgs) -> Result<(), PauseError> {
         return hold();
     }
     if let Some(path) = &args.netns {
-        let ns = std::fs::File::open(path).map_err(|source| PauseError::Io {
-            what: format!("opening {}", path.display()),
-            source,
-        })?;
+        let ns = NetNs::open(path)?;
         nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(sys("joining the pod netns"))?;
     }
     let mut flags = CloneFlags::empty();

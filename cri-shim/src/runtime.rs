@@ -53,6 +53,16 @@ pub enum RuntimeKind {
     Crun,
 }
 
+impl RuntimeKind {
+    /// The binary's name, which is also the runtime handler it serves.
+    pub fn name(self) -> &'static str {
+        match self {
+            RuntimeKind::Runc => "runc",
+            RuntimeKind::Crun => "crun",
+        }
+    }
+}
+
 /// Output of a finished ExecSync.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecOutput {

@@ -3,9 +3,10 @@
 //! record, never a torn one.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
+use nodekit_nsutil::durable;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -39,22 +40,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
-/// Atomically replaces `path` with `bytes` (temp file + fsync + rename + directory fsync).
+/// Atomically replaces `path` with `bytes` (temp file + fsync + rename + directory fsync),
+/// creating missing parent directories.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
-    file.write_all(bytes).map_err(io_err(&tmp))?;
-    file.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    durable::write(path, bytes).map_err(|e| StoreError::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Atomically writes `value` as JSON to `path`.

@@ -359,6 +359,25 @@ async fn exec_sync_returns_output_and_exit_code_and_honours_its_timeout() {
         .stats
         .unwrap();
     assert_eq!(pod_stats.linux.unwrap().containers.len(), 1);
+    let listed = lab
+        .runtime
+        .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest {
+            filter: Some(cri::PodSandboxStatsFilter {
+                id: pod.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats;
+    let listed_containers: Vec<String> = listed
+        .iter()
+        .flat_map(|s| s.linux.iter().flat_map(|l| &l.containers))
+        .filter_map(|c| c.attributes.as_ref().map(|a| a.id.clone()))
+        .collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed_containers, std::slice::from_ref(&c));
 
     lab.runtime
         .update_container_resources(cri::UpdateContainerResourcesRequest {

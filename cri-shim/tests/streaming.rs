@@ -303,6 +303,29 @@ async fn kubectl(
     args: &[&str],
     input: &[u8],
 ) -> std::process::Output {
+    let mut child = kubectl_command(lab, api, env, args)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, input)
+        .await
+        .unwrap();
+    drop(stdin);
+    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("kubectl ran past 60 s")
+        .unwrap()
+}
+
+/// `kubectl ARGS` with `env`, pointed at the stand-in API server, run in the node namespace,
+/// with piped stdout and stderr.
+fn kubectl_command(
+    lab: &Lab,
+    api: &common::apiserver::ApiServer,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> tokio::process::Command {
     assert!(
         which("kubectl"),
         "kubectl is missing: install it (apt-get install kubectl) for the client-go checks"
@@ -313,21 +336,11 @@ async fn kubectl(
         .arg("--kubeconfig=/dev/null")
         .args(args)
         .envs(env.iter().copied())
-        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     lab.node.apply_to_command(cmd.as_std_mut());
-    let mut child = cmd.spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut stdin, input)
-        .await
-        .unwrap();
-    drop(stdin);
-    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("kubectl ran past 60 s")
-        .unwrap()
+    cmd
 }
 
 fn which(name: &str) -> bool {
@@ -414,21 +427,14 @@ async fn kubectl_port_forward_reaches_the_pod_over_spdy() {
         &id,
         "web",
     );
-    assert!(
-        which("kubectl"),
-        "kubectl is missing: install it for the client-go checks"
-    );
-    let mut cmd = tokio::process::Command::new("kubectl");
-    cmd.arg(format!("--server=http://{}", api.addr))
-        .arg(format!("--namespace={}", common::apiserver::NAMESPACE))
-        .arg("--kubeconfig=/dev/null")
-        .args(["port-forward", common::apiserver::POD, "18080:8080"])
-        .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    lab.node.apply_to_command(cmd.as_std_mut());
-    let mut child = cmd.spawn().unwrap();
+    let mut child = kubectl_command(
+        &lab,
+        &api,
+        &[("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")],
+        &["port-forward", common::apiserver::POD, "18080:8080"],
+    )
+    .spawn()
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let reply = loop {
         // Off the runtime thread: the stand-in API server relays on it meanwhile.

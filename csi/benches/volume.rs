@@ -66,54 +66,22 @@ async fn driver_round(c: &mut Clients, lab: &Lab, i: usize) -> (Duration, Durati
     let staging = lab.staging(&name);
     let target = lab.target(&name);
     let start = Instant::now();
-    let vol = c
-        .controller
-        .create_volume(create_req(&name, GIB, cap.clone()))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("volume");
-    c.node
-        .node_stage_volume(stage_req(&vol, &staging, cap.clone()))
-        .await
-        .expect("stage");
-    c.node
-        .node_publish_volume(publish_req(&vol, &staging, &target, cap, false))
-        .await
-        .expect("publish");
+    let vol = c.create(&name, GIB, cap.clone()).await;
+    c.stage(&vol, &staging, cap.clone()).await;
+    c.publish(&vol, &staging, &target, cap, false).await;
     let setup = start.elapsed();
     let start = Instant::now();
-    c.node
-        .node_unpublish_volume(unpublish_req(&vol.volume_id, &target))
-        .await
-        .expect("unpublish");
-    c.node
-        .node_unstage_volume(unstage_req(&vol.volume_id, &staging))
-        .await
-        .expect("unstage");
-    c.controller
-        .delete_volume(delete_req(&vol.volume_id))
-        .await
-        .expect("delete");
+    c.unpublish(&vol.volume_id, &target).await;
+    c.unstage(&vol.volume_id, &staging).await;
+    c.delete(&vol.volume_id).await;
     (setup, start.elapsed())
 }
 
 async fn snapshot_rounds(c: &mut Clients, lab: &Lab, rounds: usize) -> Vec<Duration> {
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let vol = c
-        .controller
-        .create_volume(create_req("snap-src", GIB, cap.clone()))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("volume");
+    let vol = c.create("snap-src", GIB, cap.clone()).await;
     let staging = lab.staging("snap-src");
-    c.node
-        .node_stage_volume(stage_req(&vol, &staging, cap))
-        .await
-        .expect("stage");
+    c.stage(&vol, &staging, cap).await;
     {
         let mut f = std::fs::File::create(staging.join("data")).expect("create");
         let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i % 249) as u8).collect();
@@ -146,47 +114,18 @@ async fn snapshot_rounds(c: &mut Clients, lab: &Lab, rounds: usize) -> Vec<Durat
             .await
             .expect("delete snapshot");
     }
-    c.node
-        .node_unstage_volume(unstage_req(&vol.volume_id, &staging))
-        .await
-        .expect("unstage");
-    c.controller
-        .delete_volume(delete_req(&vol.volume_id))
-        .await
-        .expect("delete");
+    c.unstage(&vol.volume_id, &staging).await;
+    c.delete(&vol.volume_id).await;
     times
 }
 
 async fn parallel_creates(c: &Clients, lab: &Lab, n: usize) -> (Duration, usize) {
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let mut c = Clients {
-            identity: c.identity.clone(),
-            controller: c.controller.clone(),
-            node: c.node.clone(),
-        };
-        let cap = cap.clone();
-        let staging = lab.staging(&format!("par-{i}"));
-        tasks.push(tokio::spawn(async move {
-            let vol = c
-                .controller
-                .create_volume(create_req(&format!("par-{i}"), 64 << 20, cap.clone()))
-                .await?
-                .into_inner()
-                .volume
-                .unwrap_or_default();
-            c.node
-                .node_stage_volume(stage_req(&vol, &staging, cap))
-                .await?;
-            Ok::<_, tonic::Status>((vol.volume_id, staging))
-        }));
-    }
     let mut done = Vec::new();
     let mut failures = 0;
-    for t in tasks {
-        match t.await.expect("task") {
+    for r in create_and_stage_in_parallel(c, lab, n, 64 << 20, &cap).await {
+        match r {
             Ok(v) => done.push(v),
             Err(e) => {
                 eprintln!("parallel create failed: {e}");
@@ -195,20 +134,10 @@ async fn parallel_creates(c: &Clients, lab: &Lab, n: usize) -> (Duration, usize)
         }
     }
     let took = start.elapsed();
-    let mut c = Clients {
-        identity: c.identity.clone(),
-        controller: c.controller.clone(),
-        node: c.node.clone(),
-    };
+    let mut c = c.clone();
     for (id, staging) in done {
-        c.node
-            .node_unstage_volume(unstage_req(&id, &staging))
-            .await
-            .expect("unstage");
-        c.controller
-            .delete_volume(delete_req(&id))
-            .await
-            .expect("delete");
+        c.unstage(&id, &staging).await;
+        c.delete(&id).await;
     }
     (took, failures)
 }

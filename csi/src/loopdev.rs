@@ -166,15 +166,7 @@ impl KernelLoopDevices {
     }
 
     fn open_device(device: LoopDevice) -> Result<File, LoopDeviceError> {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(device.path())
-            .map_err(|source| LoopDeviceError::Open {
-                path: device.path(),
-                source,
-            })
+        open_rw(&device.path())
     }
 
     fn backing_of(&self, device: LoopDevice) -> Result<Option<String>, LoopDeviceError> {
@@ -191,15 +183,7 @@ impl KernelLoopDevices {
     }
 
     fn try_attach(&self, backing: &File) -> Result<Option<LoopDevice>, LoopDeviceError> {
-        let control = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(LOOP_CONTROL)
-            .map_err(|source| LoopDeviceError::Open {
-                path: LOOP_CONTROL.into(),
-                source,
-            })?;
+        let control = open_rw(Path::new(LOOP_CONTROL))?;
         let number =
             sys::loop_ctl_get_free(control.as_fd()).map_err(|source| LoopDeviceError::Ioctl {
                 op: "LOOP_CTL_GET_FREE",
@@ -232,15 +216,7 @@ impl KernelLoopDevices {
 
 impl LoopDevices for KernelLoopDevices {
     fn attach(&self, backing: &Path) -> Result<LoopDevice, LoopDeviceError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(backing)
-            .map_err(|source| LoopDeviceError::Open {
-                path: backing.to_path_buf(),
-                source,
-            })?;
+        let file = open_rw(backing)?;
         let _serial = self
             .attach_lock
             .lock()
@@ -339,6 +315,19 @@ impl LoopDevices for KernelLoopDevices {
                 source: io::Error::new(io::ErrorKind::InvalidData, e),
             })
     }
+}
+
+/// Opens `path` read-write, close-on-exec.
+fn open_rw(path: &Path) -> Result<File, LoopDeviceError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| LoopDeviceError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -127,11 +127,7 @@ pub trait Mounter: Send + Sync {
     fn mounts(&self) -> Result<Vec<MountEntry>, MountError>;
     /// The topmost mount at `target`, if any.
     fn mounted_at(&self, target: &Path) -> Result<Option<MountEntry>, MountError> {
-        Ok(self
-            .mounts()?
-            .into_iter()
-            .rev()
-            .find(|m| m.mount_point == target))
+        Ok(mountinfo::topmost_at(&self.mounts()?, target).cloned())
     }
 }
 

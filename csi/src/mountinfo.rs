@@ -56,6 +56,11 @@ pub fn read(path: &Path) -> Result<Vec<MountEntry>, MountInfoError> {
     parse(&text)
 }
 
+/// The topmost mount at `path` in `mounts` (a table as [`read`] returns it), if any.
+pub fn topmost_at<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    mounts.iter().rev().find(|m| m.mount_point == path)
+}
+
 /// Parses mountinfo text.
 pub fn parse(text: &str) -> Result<Vec<MountEntry>, MountInfoError> {
     text.lines()

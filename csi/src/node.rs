@@ -180,16 +180,9 @@ impl Node for NodeService {
             }
             let path = self.path("volume_path", &req.volume_path)?;
             let id = volume_id(&req.volume_id)?;
-            let (u, condition) = blocking(&self.driver, move |d| {
+            let (condition, u) = blocking(&self.driver, move |d| {
                 let record = d.record_for_path(&id, &path)?;
-                let condition = d.condition(&record, &path)?;
-                // An abnormal volume may not answer statvfs; report the condition alone.
-                let usage = if condition.abnormal {
-                    None
-                } else {
-                    Some(d.usage(&record, &path)?)
-                };
-                Ok((usage, condition))
+                d.stats(&record, &path)
             })
             .await?;
             let volume_condition = Some(VolumeCondition {

@@ -11,6 +11,7 @@ use crate::driver::Driver;
 use crate::error::CsiError;
 use crate::image;
 use crate::loopdev::LoopDevice;
+use crate::mountinfo;
 use crate::state::{AccessRecord, Kind, NodeRecord, Phase, SnapshotRecord, Stored, VolumeRecord};
 
 /// What the reconcile changed.
@@ -88,6 +89,10 @@ impl Driver {
     /// Re-attaches and re-mounts staged volumes; returns the images they own.
     fn restore_staged(&self, done: &mut Reconciled) -> Result<BTreeSet<PathBuf>, CsiError> {
         let mut owned = BTreeSet::new();
+        // One look at the kernel for every record: each volume has its own image, staging
+        // path and targets, so what one record's repair changes no other record reads.
+        let attached = self.loops.list()?;
+        let mounts = self.mounter.mounts()?;
         for rec in self.store.list::<NodeRecord>(Kind::Node)? {
             let mut rec = self.with_publications(rec)?;
             owned.insert(rec.image.clone());
@@ -95,8 +100,11 @@ impl Driver {
                 tracing::warn!(volume = %rec.volume_id, image = %rec.image.display(), "staged volume's image is missing");
                 continue;
             }
-            let device = match self.loops.find(&rec.image)?.into_iter().next() {
-                Some(d) => d,
+            let found = attached
+                .iter()
+                .find(|a| a.backing == rec.image && !a.deleted);
+            let device = match found {
+                Some(a) => a.device,
                 None => {
                     let d = self.loops.attach(&rec.image)?;
                     done.reattached.push(rec.volume_id.clone());
@@ -108,9 +116,7 @@ impl Driver {
                 mount_flags,
             } = &rec.access
             {
-                let mounted = self
-                    .mounter
-                    .mounted_at(&rec.staging_path)?
+                let mounted = mountinfo::topmost_at(&mounts, &rec.staging_path)
                     .is_some_and(|m| Path::new(&m.source) == device.path());
                 if !mounted {
                     let options = crate::stage::fs_options(*fs_type, mount_flags)?;
@@ -128,15 +134,8 @@ impl Driver {
                 }
             }
             let before = rec.publications.len();
-            let mut gone = Vec::new();
-            for target in rec.publications.keys() {
-                if self.mounter.mounted_at(target)?.is_none() {
-                    gone.push(target.clone());
-                }
-            }
-            for target in gone {
-                rec.publications.remove(&target);
-            }
+            rec.publications
+                .retain(|target, _| mountinfo::topmost_at(&mounts, target).is_some());
             if rec.publications.len() != before {
                 self.put_publications(&rec.volume_id, &rec.publications)?;
             }

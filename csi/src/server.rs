@@ -35,11 +35,7 @@ pub enum ServeError {
 
 /// The socket path of a CSI endpoint (`unix:///p`, `unix:/p` or `/p`).
 pub fn socket_path(endpoint: &str) -> Result<PathBuf, ServeError> {
-    let path = endpoint
-        .strip_prefix("unix://")
-        .or_else(|| endpoint.strip_prefix("unix:"))
-        .unwrap_or(endpoint);
-    let path = PathBuf::from(path);
+    let path = nodekit_proto::uds::endpoint_path(endpoint).to_path_buf();
     if !path.is_absolute() {
         return Err(ServeError::Endpoint(endpoint.to_string()));
     }

@@ -16,6 +16,7 @@ use crate::fstools::{FsInfo, FsType};
 use crate::ids::VolumeId;
 use crate::loopdev::LoopDevice;
 use crate::mounter::MountOptions;
+use crate::mountinfo::{self, MountEntry};
 use crate::state::{AccessRecord, Kind, NodeRecord, Publication, Publications, StateError};
 
 use nodekit_proto::csi::v1::volume_capability::access_mode::Mode;
@@ -107,11 +108,10 @@ impl Driver {
 
     /// Whether `device`'s filesystem is mounted at `path`.
     fn fs_mounted_at(&self, device: LoopDevice, path: &Path) -> Result<bool, CsiError> {
-        let dev = device.path();
         Ok(self
             .mounter
             .mounted_at(path)?
-            .is_some_and(|m| Path::new(&m.source) == dev && m.root == Path::new("/")))
+            .is_some_and(|m| is_fs_of(&m, device)))
     }
 
     /// Whether `device`'s filesystem is mounted anywhere.
@@ -161,13 +161,15 @@ impl Driver {
             driver: self,
             device: attached_now.then_some(device),
         };
+        let mut grow_xfs = false;
         let access = match &cap.access {
             Access::Block => AccessRecord::Block,
             Access::Mount {
                 fs_type,
                 mount_flags,
             } => {
-                let fs = self.ensure_filesystem(device, fs_type.or(fs_hint))?;
+                let (fs, short) = self.ensure_filesystem(device, fs_type.or(fs_hint))?;
+                grow_xfs = short && fs.fs_type == FsType::Xfs;
                 if let Some(asked) = fs_type {
                     if *asked != fs.fs_type {
                         return Err(CsiError::FailedPrecondition(format!(
@@ -196,7 +198,7 @@ impl Driver {
             mount_flags,
         } = &access
         {
-            self.mount_staging(device, staging, *fs_type, mount_flags)?;
+            self.mount_staging(device, staging, *fs_type, mount_flags, grow_xfs)?;
         }
         // Publications keep their own file (a record from before they had one hands its
         // over); a fresh stage drops any that a lost remove left.
@@ -230,11 +232,13 @@ impl Driver {
 
     /// Makes sure `device` holds a filesystem that fills it: formats a blank device with
     /// `fs_type` (or the default), grows an ext4 offline (it cannot grow online here).
+    /// Returns the filesystem and whether it is still short of the device (an xfs grows
+    /// once mounted).
     fn ensure_filesystem(
         &self,
         device: LoopDevice,
         fs_type: Option<FsType>,
-    ) -> Result<FsInfo, CsiError> {
+    ) -> Result<(FsInfo, bool), CsiError> {
         let dev = device.path();
         let info = match self.fs.probe(&dev)? {
             Some(info) => info,
@@ -248,28 +252,25 @@ impl Driver {
                 })?
             }
         };
-        if info.fs_type == FsType::Ext4
-            && self.needs_growth(device, &info)?
-            && !self.device_mounted(device)?
-        {
+        let short = falls_short(&info, self.loops.size(device)?);
+        if info.fs_type == FsType::Ext4 && short && !self.device_mounted(device)? {
             self.fs.grow_ext4_offline(&dev)?;
             tracing::info!(%device, "ext4 grown offline to fill the device");
-            return Ok(self.fs.probe(&dev)?.unwrap_or(info));
+            return Ok((self.fs.probe(&dev)?.unwrap_or(info), false));
         }
-        Ok(info)
+        Ok((info, short))
     }
 
-    /// Whether the filesystem is at least one 1 MiB short of the device.
-    fn needs_growth(&self, device: LoopDevice, info: &FsInfo) -> Result<bool, CsiError> {
-        Ok(self.loops.size(device)? >= info.size + (1 << 20))
-    }
-
+    /// Mounts `device`'s filesystem at `staging` unless it is there, then grows an xfs
+    /// that `grow_xfs` says is short of its device (restored into a larger volume, or
+    /// grown while unstaged).
     fn mount_staging(
         &self,
         device: LoopDevice,
         staging: &Path,
         fs_type: FsType,
         mount_flags: &[String],
+        grow_xfs: bool,
     ) -> Result<(), CsiError> {
         if !self.fs_mounted_at(device, staging)? {
             std::fs::create_dir_all(staging).map_err(|source| CsiError::Io {
@@ -281,13 +282,8 @@ impl Driver {
             self.mounter
                 .mount_fs(&device.path(), staging, fs_type.name(), &options)?;
         }
-        // An xfs restored into a larger volume, or grown while unstaged, fills its device.
-        if fs_type == FsType::Xfs {
-            if let Some(info) = self.fs.probe(&device.path())? {
-                if self.needs_growth(device, &info)? {
-                    self.fs.grow_xfs(staging)?;
-                }
-            }
+        if grow_xfs {
+            self.fs.grow_xfs(staging)?;
         }
         Ok(())
     }
@@ -296,17 +292,18 @@ impl Driver {
     /// OK when not staged. FAILED_PRECONDITION while a target is still published.
     pub fn unstage(&self, id: &VolumeId, staging: &Path) -> Result<(), CsiError> {
         let record = self.node_record(id)?;
+        if record.as_ref().is_some_and(|r| r.staging_path != staging) {
+            // Not staged here: nothing of ours to undo at this path.
+            return Ok(());
+        }
+        let mounts = self.mounter.mounts()?;
         if let Some(rec) = &record {
-            if rec.staging_path != staging {
-                // Not staged here: nothing of ours to undo at this path.
-                return Ok(());
-            }
-            let mut still = Vec::new();
-            for target in rec.publications.keys() {
-                if self.mounter.mounted_at(target)?.is_some() {
-                    still.push(target.display().to_string());
-                }
-            }
+            let still: Vec<String> = rec
+                .publications
+                .keys()
+                .filter(|t| mountinfo::topmost_at(&mounts, t).is_some())
+                .map(|t| t.display().to_string())
+                .collect();
             if !still.is_empty() {
                 return Err(CsiError::FailedPrecondition(format!(
                     "volume {id} is still published at {}",
@@ -316,10 +313,12 @@ impl Driver {
         }
         let image = self.volume_image(id);
         let devices = self.loops.find(&image)?;
-        for device in &devices {
-            if self.fs_mounted_at(*device, staging)? {
-                self.mounter.unmount(staging)?;
-            }
+        let staged_fs = mountinfo::topmost_at(&mounts, staging);
+        if devices
+            .iter()
+            .any(|d| staged_fs.is_some_and(|m| is_fs_of(m, *d)))
+        {
+            self.mounter.unmount(staging)?;
         }
         for device in devices {
             self.loops.detach(device)?;
@@ -496,7 +495,7 @@ impl Driver {
         }
         if let AccessRecord::Mount { fs_type, .. } = record.access {
             let info = self.fs.probe(&device.path())?;
-            if info.is_some_and(|i| self.needs_growth(device, &i).unwrap_or(false)) {
+            if info.is_some_and(|i| falls_short(&i, size)) {
                 match fs_type {
                     FsType::Xfs => self.fs.grow_xfs(&record.staging_path)?,
                     FsType::Ext4 => self.fs.grow_ext4_online(&device.path())?,
@@ -507,24 +506,45 @@ impl Driver {
         Ok(size)
     }
 
-    /// NodeGetVolumeStats' numbers for `path` of a staged volume.
-    pub fn usage(&self, record: &NodeRecord, path: &Path) -> Result<Usage, CsiError> {
-        match record.access {
-            AccessRecord::Block => {
-                let device = self.loops.find(&record.image)?.into_iter().next();
-                let total = match device {
-                    Some(d) => self.loops.size(d)?,
-                    None => std::fs::metadata(&record.image)
-                        .map(|m| m.len())
-                        .unwrap_or(0),
+    /// NodeGetVolumeStats for `path` of a staged volume: its condition, and its usage
+    /// unless abnormal (an abnormal volume may not answer statvfs).
+    pub fn stats(
+        &self,
+        record: &NodeRecord,
+        path: &Path,
+    ) -> Result<(Condition, Option<Usage>), CsiError> {
+        let device = match self.healthy_device(record, path)? {
+            Ok(device) => device,
+            Err(message) => {
+                let condition = Condition {
+                    abnormal: true,
+                    message,
                 };
-                Ok(Usage {
-                    total,
-                    available: None,
-                    used: None,
-                    inodes: None,
-                })
+                return Ok((condition, None));
             }
+        };
+        let usage = self.usage(record, path, device)?;
+        let condition = Condition {
+            abnormal: false,
+            message: format!("healthy on {device}"),
+        };
+        Ok((condition, Some(usage)))
+    }
+
+    /// The numbers of a healthy staged volume attached to `device`.
+    fn usage(
+        &self,
+        record: &NodeRecord,
+        path: &Path,
+        device: LoopDevice,
+    ) -> Result<Usage, CsiError> {
+        match record.access {
+            AccessRecord::Block => Ok(Usage {
+                total: self.loops.size(device)?,
+                available: None,
+                used: None,
+                inodes: None,
+            }),
             AccessRecord::Mount { .. } => {
                 let st = nix::sys::statvfs::statvfs(path).map_err(|e| CsiError::Io {
                     op: "statvfs",
@@ -547,15 +567,14 @@ impl Driver {
         }
     }
 
-    /// Whether a staged volume is healthy at `path`: image present, loop attached, the
-    /// filesystem (or device) mounted there.
-    pub fn condition(&self, record: &NodeRecord, path: &Path) -> Result<Condition, CsiError> {
-        let abnormal = |message: String| {
-            Ok(Condition {
-                abnormal: true,
-                message,
-            })
-        };
+    /// The loop device of a staged volume that is healthy at `path` (image present, loop
+    /// attached, the filesystem or device mounted there), or what is wrong.
+    fn healthy_device(
+        &self,
+        record: &NodeRecord,
+        path: &Path,
+    ) -> Result<Result<LoopDevice, String>, CsiError> {
+        let abnormal = |message: String| Ok(Err(message));
         if !record.image.exists() {
             return abnormal(format!("image {} is missing", record.image.display()));
         }
@@ -575,10 +594,7 @@ impl Driver {
         if !mounted {
             return abnormal(format!("{device} is not mounted at {}", path.display()));
         }
-        Ok(Condition {
-            abnormal: false,
-            message: format!("healthy on {device}"),
-        })
+        Ok(Ok(device))
     }
 }
 
@@ -594,6 +610,16 @@ pub fn fs_options(fs_type: FsType, mount_flags: &[String]) -> Result<MountOption
         options.data.push_str("nouuid");
     }
     Ok(options)
+}
+
+/// Whether the filesystem is at least 1 MiB short of its device's `device_size`.
+fn falls_short(info: &FsInfo, device_size: u64) -> bool {
+    device_size >= info.size + (1 << 20)
+}
+
+/// Whether `mount` is `device`'s filesystem (not a bind of its node or of a subtree).
+fn is_fs_of(mount: &MountEntry, device: LoopDevice) -> bool {
+    Path::new(&mount.source) == device.path() && mount.root == Path::new("/")
 }
 
 /// Creates an empty file at `target` (the bind point of a block volume) if none exists.
@@ -654,7 +680,6 @@ mod tests {
     use crate::fstools::{FsToolError, FsTools};
     use crate::loopdev::{Attached, LoopDeviceError, LoopDevices};
     use crate::mounter::{MountError, Mounter};
-    use crate::mountinfo::MountEntry;
     use nodekit_proto::csi::v1::volume_capability::access_mode::Mode;
 
     /// The kernel calls made, in order, shared by the fakes.
@@ -799,7 +824,6 @@ mod tests {
         loops: Arc<FakeLoops>,
         fs: Mutex<Option<FsInfo>>,
         calls: Log,
-        online_ext4_denied: bool,
     }
 
     impl FakeFs {
@@ -836,14 +860,11 @@ mod tests {
             self.grow("grow ext4 offline");
             Ok(())
         }
+        /// As without CAP_SYS_RESOURCE.
         fn grow_ext4_online(&self, device: &Path) -> Result<(), FsToolError> {
-            if self.online_ext4_denied {
-                return Err(FsToolError::OnlineResizeDenied {
-                    target: device.to_path_buf(),
-                });
-            }
-            self.grow("grow ext4 online");
-            Ok(())
+            Err(FsToolError::OnlineResizeDenied {
+                target: device.to_path_buf(),
+            })
         }
         fn grow_xfs(&self, _mount_point: &Path) -> Result<(), FsToolError> {
             self.grow("grow xfs");
@@ -863,8 +884,9 @@ mod tests {
     }
 
     impl Rig {
-        /// A driver on fakes with one 64 MiB volume image holding `fs`.
-        fn new(fs: Option<FsInfo>, online_ext4_denied: bool) -> Self {
+        /// A driver on fakes with one 64 MiB volume image, blank or holding an `fs` that
+        /// fills it.
+        fn new(fs: Option<FsType>) -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
             let config = Config {
                 driver_name: "t".into(),
@@ -888,9 +910,11 @@ mod tests {
             });
             let fake_fs = Arc::new(FakeFs {
                 loops: Arc::clone(&loops),
-                fs: Mutex::new(fs),
+                fs: Mutex::new(fs.map(|fs_type| FsInfo {
+                    fs_type,
+                    size: 64 << 20,
+                })),
                 calls: log,
-                online_ext4_denied,
             });
             let driver = Driver::with_backends(config, loops.clone(), mounts.clone(), fake_fs)
                 .expect("driver");
@@ -932,7 +956,7 @@ mod tests {
 
     #[test]
     fn staging_twice_formats_attaches_and_mounts_once() {
-        let rig = Rig::new(None, true);
+        let rig = Rig::new(None);
         let staging = rig.path("staging");
         let c = cap(None, Mode::SingleNodeWriter);
         rig.driver
@@ -965,13 +989,7 @@ mod tests {
 
     #[test]
     fn a_failed_mount_detaches_the_device_it_attached() {
-        let rig = Rig::new(
-            Some(FsInfo {
-                fs_type: FsType::Ext4,
-                size: 64 << 20,
-            }),
-            true,
-        );
+        let rig = Rig::new(Some(FsType::Ext4));
         *rig.mounts.fail_mount.lock().expect("lock") = true;
         let err = rig
             .driver
@@ -993,13 +1011,7 @@ mod tests {
             (FsType::Ext4, "grow ext4 offline"),
             (FsType::Xfs, "grow xfs"),
         ] {
-            let rig = Rig::new(
-                Some(FsInfo {
-                    fs_type: fs,
-                    size: 64 << 20,
-                }),
-                true,
-            );
+            let rig = Rig::new(Some(fs));
             rig.grow_image(128 << 20);
             let staging = rig.path("s");
             rig.driver
@@ -1020,13 +1032,7 @@ mod tests {
 
     #[test]
     fn publish_is_idempotent_and_enforces_the_single_writer_and_same_arguments_rules() {
-        let rig = Rig::new(
-            Some(FsInfo {
-                fs_type: FsType::Ext4,
-                size: 64 << 20,
-            }),
-            true,
-        );
+        let rig = Rig::new(Some(FsType::Ext4));
         let staging = rig.path("s");
         let single = cap(None, Mode::SingleNodeSingleWriter);
         rig.driver
@@ -1072,13 +1078,7 @@ mod tests {
 
     #[test]
     fn node_expansion_refreshes_the_device_and_reports_missing_cap_sys_resource_for_ext4() {
-        let rig = Rig::new(
-            Some(FsInfo {
-                fs_type: FsType::Ext4,
-                size: 64 << 20,
-            }),
-            true,
-        );
+        let rig = Rig::new(Some(FsType::Ext4));
         let staging = rig.path("s");
         rig.driver
             .stage(&rig.id, &staging, &cap(None, Mode::SingleNodeWriter), None)

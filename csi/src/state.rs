@@ -1,7 +1,7 @@
 //! The driver's state on disk: one JSON file per volume, per snapshot and per staged volume
-//! under `--state-dir`, each written crash-safely (temp file, fsync, rename, and an fsync of
-//! the directory where the new record must survive a crash), so a reader sees the old
-//! record or the new one, never a torn one.
+//! under `--state-dir`, each written crash-safely by `nodekit_nsutil::durable` (temp file,
+//! fsync, rename, and an fsync of the directory where the new record must survive a crash),
+//! so a reader sees the old record or the new one, never a torn one.
 //!
 //! A staged volume's published targets live in a file of their own, written without any
 //! fsync (temp file and rename: a process crash still sees old or new): a power loss unmounts
@@ -14,11 +14,10 @@
 //! state directory.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 
+use nodekit_nsutil::durable;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -276,8 +275,7 @@ impl StateStore {
     /// Writes record `id` of `kind` atomically and durably: after a crash the new record is
     /// there.
     pub fn put<T: Serialize>(&self, kind: Kind, id: &str, record: &T) -> Result<(), StateError> {
-        self.write(kind, id, record, true)?;
-        self.sync_dir(kind)
+        self.write(kind, id, record, durable::write)
     }
 
     /// Writes record `id` of `kind` without any fsync: after a process crash the old record
@@ -290,7 +288,7 @@ impl StateStore {
         id: &str,
         record: &T,
     ) -> Result<(), StateError> {
-        self.write(kind, id, record, false)
+        self.write(kind, id, record, durable::write_volatile)
     }
 
     fn write<T: Serialize>(
@@ -298,34 +296,14 @@ impl StateStore {
         kind: Kind,
         id: &str,
         record: &T,
-        sync: bool,
+        replace: fn(&Path, &[u8]) -> Result<(), durable::WriteError>,
     ) -> Result<(), StateError> {
         let path = self.file(kind, id);
-        let tmp = self.dir(kind).join(format!("{id}.json.tmp"));
-        let io_err = |op, p: &Path| {
-            let p = p.to_path_buf();
-            move |source| StateError::Io {
-                op,
-                path: p,
-                source,
-            }
-        };
         let bytes = serde_json::to_vec_pretty(record).map_err(|source| StateError::Corrupt {
             path: path.clone(),
             source,
         })?;
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(io_err("creating", &tmp))?;
-        file.write_all(&bytes).map_err(io_err("writing", &tmp))?;
-        if sync {
-            file.sync_all().map_err(io_err("syncing", &tmp))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io_err("renaming into", &path))
+        replace(&path, &bytes).map_err(StateError::from)
     }
 
     /// Removes record `id` of `kind` durably; OK when absent.
@@ -377,14 +355,17 @@ impl StateStore {
     }
 
     fn sync_dir(&self, kind: Kind) -> Result<(), StateError> {
-        let dir = self.dir(kind);
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| StateError::Io {
-                op: "syncing",
-                path: dir,
-                source,
-            })
+        Ok(durable::sync_dir(&self.dir(kind))?)
+    }
+}
+
+impl From<durable::WriteError> for StateError {
+    fn from(e: durable::WriteError) -> Self {
+        Self::Io {
+            op: e.step,
+            path: e.path,
+            source: e.source,
+        }
     }
 }
 

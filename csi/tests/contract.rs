@@ -391,14 +391,7 @@ async fn node_calls_return_the_spec_codes_and_confine_paths() {
     let driver = lab.start(&[]);
     let mut c = driver.clients().await;
     let cap = mount_cap("ext4", Mode::SingleNodeSingleWriter);
-    let vol = c
-        .controller
-        .create_volume(create_req("n", 32 * MIB, cap.clone()))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("v");
+    let vol = c.create("n", 32 * MIB, cap.clone()).await;
     let staging = lab.staging("n");
     let target = lab.target("pod-1");
     let node = &mut c.node;
@@ -618,8 +611,5 @@ async fn node_calls_return_the_spec_codes_and_confine_paths() {
         .await
         .expect("unstage");
     lab.assert_clean();
-    c.controller
-        .delete_volume(delete_req(&vol.volume_id))
-        .await
-        .expect("delete");
+    c.delete(&vol.volume_id).await;
 }

@@ -23,40 +23,13 @@ async fn a_restart_after_a_crash_restores_staged_volumes_and_drops_orphans() {
     let fs_cap = mount_cap("ext4", Mode::SingleNodeWriter);
     let blk_cap = block_cap(Mode::SingleNodeWriter);
 
-    let fs_vol = c
-        .controller
-        .create_volume(create_req("crash-fs", 32 * MIB, fs_cap.clone()))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("v");
-    let blk_vol = c
-        .controller
-        .create_volume(create_req("crash-blk", 16 * MIB, blk_cap.clone()))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("v");
-    let orphan = c
-        .controller
-        .create_volume(create_req("orphan", 16 * MIB, blk_cap.clone()))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("v");
+    let fs_vol = c.create("crash-fs", 32 * MIB, fs_cap.clone()).await;
+    let blk_vol = c.create("crash-blk", 16 * MIB, blk_cap.clone()).await;
+    let orphan = c.create("orphan", 16 * MIB, blk_cap.clone()).await;
     let fs_staging = lab.staging("crash-fs");
     let blk_staging = lab.staging("crash-blk");
-    c.node
-        .node_stage_volume(stage_req(&fs_vol, &fs_staging, fs_cap.clone()))
-        .await
-        .expect("stage fs");
-    c.node
-        .node_stage_volume(stage_req(&blk_vol, &blk_staging, blk_cap.clone()))
-        .await
-        .expect("stage block");
+    c.stage(&fs_vol, &fs_staging, fs_cap.clone()).await;
+    c.stage(&blk_vol, &blk_staging, blk_cap.clone()).await;
     {
         let mut f = std::fs::File::create(fs_staging.join("survives")).expect("create");
         f.write_all(b"before the crash").expect("write");
@@ -135,32 +108,15 @@ async fn a_restart_after_a_crash_restores_staged_volumes_and_drops_orphans() {
 
     // The restored volumes work as before.
     let target = lab.target("after-crash");
-    c.node
-        .node_publish_volume(publish_req(
-            &blk_vol,
-            &blk_staging,
-            &target,
-            blk_cap.clone(),
-            false,
-        ))
-        .await
-        .expect("publish the re-attached block volume");
-    c.node
-        .node_unpublish_volume(unpublish_req(&blk_vol.volume_id, &target))
-        .await
-        .expect("unpublish");
+    c.publish(&blk_vol, &blk_staging, &target, blk_cap.clone(), false)
+        .await;
+    c.unpublish(&blk_vol.volume_id, &target).await;
     for (vol, staging) in [(&fs_vol, &fs_staging), (&blk_vol, &blk_staging)] {
-        c.node
-            .node_unstage_volume(unstage_req(&vol.volume_id, staging))
-            .await
-            .expect("unstage");
+        c.unstage(&vol.volume_id, staging).await;
     }
     lab.assert_clean();
     for v in [&fs_vol, &blk_vol, &orphan] {
-        c.controller
-            .delete_volume(delete_req(&v.volume_id))
-            .await
-            .expect("delete");
+        c.delete(&v.volume_id).await;
     }
     assert!(lab.volume_images().is_empty());
 }
@@ -171,19 +127,9 @@ async fn a_snapshot_that_runs_out_of_pool_space_leaves_nothing() {
     let driver = lab.start(&[]);
     let mut c = driver.clients().await;
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let vol = c
-        .controller
-        .create_volume(create_req("full", 48 * MIB, cap.clone()))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("v");
+    let vol = c.create("full", 48 * MIB, cap.clone()).await;
     let staging = lab.staging("full");
-    c.node
-        .node_stage_volume(stage_req(&vol, &staging, cap.clone()))
-        .await
-        .expect("stage");
+    c.stage(&vol, &staging, cap.clone()).await;
     {
         let mut f = std::fs::File::create(staging.join("data")).expect("create");
         let chunk: Vec<u8> = (0..MIB).map(|i| (i % 253) as u8).collect();
@@ -220,13 +166,7 @@ async fn a_snapshot_that_runs_out_of_pool_space_leaves_nothing() {
     // The source volume is untouched and thawed: still writable.
     std::fs::write(staging.join("after"), b"ok")
         .expect("volume writable after the failed snapshot");
-    c.node
-        .node_unstage_volume(unstage_req(&vol.volume_id, &staging))
-        .await
-        .expect("unstage");
-    c.controller
-        .delete_volume(delete_req(&vol.volume_id))
-        .await
-        .expect("delete");
+    c.unstage(&vol.volume_id, &staging).await;
+    c.delete(&vol.volume_id).await;
     lab.assert_clean();
 }

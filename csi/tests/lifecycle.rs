@@ -86,16 +86,10 @@ async fn an_ext4_volume_lives_through_stage_publish_and_back_idempotently() {
     let staging = lab.staging("pv-ext4");
     let target = lab.target("pod-a");
     for _ in 0..2 {
-        c.node
-            .node_stage_volume(stage_req(&vol, &staging, cap.clone()))
-            .await
-            .expect("stage");
+        c.stage(&vol, &staging, cap.clone()).await;
     }
     for _ in 0..2 {
-        c.node
-            .node_publish_volume(publish_req(&vol, &staging, &target, cap.clone(), false))
-            .await
-            .expect("publish");
+        c.publish(&vol, &staging, &target, cap.clone(), false).await;
     }
     assert_eq!(
         lab.mounts().len(),
@@ -132,19 +126,14 @@ async fn an_ext4_volume_lives_through_stage_publish_and_back_idempotently() {
     assert_eq!(stats.usage.len(), 2, "bytes and inodes");
 
     for _ in 0..2 {
-        c.node
-            .node_unpublish_volume(unpublish_req(&vol.volume_id, &target))
-            .await
-            .expect("unpublish");
+        c.unpublish(&vol.volume_id, &target).await;
     }
     assert!(!target.exists(), "the target is removed");
 
     // Read-only publish at another target: data visible, writes refused.
     let target_ro = lab.target("pod-b");
-    c.node
-        .node_publish_volume(publish_req(&vol, &staging, &target_ro, cap.clone(), true))
-        .await
-        .expect("publish ro");
+    c.publish(&vol, &staging, &target_ro, cap.clone(), true)
+        .await;
     let mut text = String::new();
     std::fs::File::open(target_ro.join("hello.txt"))
         .expect("open")
@@ -153,23 +142,14 @@ async fn an_ext4_volume_lives_through_stage_publish_and_back_idempotently() {
     assert_eq!(text, "kept across publishes");
     let err = std::fs::File::create(target_ro.join("nope")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
-    c.node
-        .node_unpublish_volume(unpublish_req(&vol.volume_id, &target_ro))
-        .await
-        .expect("unpublish");
+    c.unpublish(&vol.volume_id, &target_ro).await;
 
     for _ in 0..2 {
-        c.node
-            .node_unstage_volume(unstage_req(&vol.volume_id, &staging))
-            .await
-            .expect("unstage");
+        c.unstage(&vol.volume_id, &staging).await;
     }
     lab.assert_clean();
     for _ in 0..2 {
-        c.controller
-            .delete_volume(delete_req(&vol.volume_id))
-            .await
-            .expect("delete");
+        c.delete(&vol.volume_id).await;
     }
     assert!(lab.volume_images().is_empty());
     drop(c);
@@ -182,26 +162,13 @@ async fn a_block_volume_is_the_loop_device_at_the_target() {
     let driver = lab.start(&[]);
     let mut c = driver.clients().await;
     let cap = block_cap(Mode::SingleNodeWriter);
-    let vol = c
-        .controller
-        .create_volume(create_req("pvc-block", 32 * MIB, cap.clone()))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("volume");
+    let vol = c.create("pvc-block", 32 * MIB, cap.clone()).await;
     assert!(!vol.volume_context.contains_key("fsType"));
     let staging = lab.staging("pv-block");
     let target = lab.target("pod-block");
-    c.node
-        .node_stage_volume(stage_req(&vol, &staging, cap.clone()))
-        .await
-        .expect("stage");
+    c.stage(&vol, &staging, cap.clone()).await;
     for _ in 0..2 {
-        c.node
-            .node_publish_volume(publish_req(&vol, &staging, &target, cap.clone(), false))
-            .await
-            .expect("publish");
+        c.publish(&vol, &staging, &target, cap.clone(), false).await;
     }
     {
         let mut dev = std::fs::OpenOptions::new()
@@ -226,15 +193,9 @@ async fn a_block_volume_is_the_loop_device_at_the_target() {
         .expect("stats")
         .into_inner();
     assert_eq!(stats.usage[0].total, 32 * MIB as i64);
-    c.node
-        .node_unpublish_volume(unpublish_req(&vol.volume_id, &target))
-        .await
-        .expect("unpublish");
+    c.unpublish(&vol.volume_id, &target).await;
     assert!(!target.exists());
-    c.node
-        .node_unstage_volume(unstage_req(&vol.volume_id, &staging))
-        .await
-        .expect("unstage");
+    c.unstage(&vol.volume_id, &staging).await;
     lab.assert_clean();
     let image = &lab.volume_images()[0];
     let mut data = vec![0u8; 14];
@@ -242,10 +203,7 @@ async fn a_block_volume_is_the_loop_device_at_the_target() {
     f.seek(SeekFrom::Start(5 * MIB)).expect("seek");
     f.read_exact(&mut data).expect("read");
     assert_eq!(&data, b"raw block data", "the write reached the image");
-    c.controller
-        .delete_volume(delete_req(&vol.volume_id))
-        .await
-        .expect("delete");
+    c.delete(&vol.volume_id).await;
 }
 
 /// Creates, stages and publishes a volume; returns (volume, staging, target).
@@ -269,30 +227,15 @@ async fn mounted(
         .expect("volume");
     let staging = lab.staging(name);
     let target = lab.target(name);
-    c.node
-        .node_stage_volume(stage_req(&vol, &staging, cap.clone()))
-        .await
-        .expect("stage");
-    c.node
-        .node_publish_volume(publish_req(&vol, &staging, &target, cap.clone(), false))
-        .await
-        .expect("publish");
+    c.stage(&vol, &staging, cap.clone()).await;
+    c.publish(&vol, &staging, &target, cap.clone(), false).await;
     (vol, staging, target)
 }
 
 async fn teardown(c: &mut Clients, vol: &Volume, staging: &Path, target: &Path) {
-    c.node
-        .node_unpublish_volume(unpublish_req(&vol.volume_id, target))
-        .await
-        .expect("unpublish");
-    c.node
-        .node_unstage_volume(unstage_req(&vol.volume_id, staging))
-        .await
-        .expect("unstage");
-    c.controller
-        .delete_volume(delete_req(&vol.volume_id))
-        .await
-        .expect("delete");
+    c.unpublish(&vol.volume_id, target).await;
+    c.unstage(&vol.volume_id, staging).await;
+    c.delete(&vol.volume_id).await;
 }
 
 fn snapshot_source(id: &str) -> Option<VolumeContentSource> {
@@ -510,22 +453,10 @@ async fn ext4_on_an_ext4_pool_snapshots_by_copy_clones_and_grows_at_restage() {
             );
             assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
             assert!(s.message().contains("CAP_SYS_RESOURCE"), "{}", s.message());
-            c.node
-                .node_unpublish_volume(unpublish_req(&vol.volume_id, &target))
-                .await
-                .expect("unpublish");
-            c.node
-                .node_unstage_volume(unstage_req(&vol.volume_id, &staging))
-                .await
-                .expect("unstage");
-            c.node
-                .node_stage_volume(stage_req(&vol, &staging, cap.clone()))
-                .await
-                .expect("restage");
-            c.node
-                .node_publish_volume(publish_req(&vol, &staging, &target, cap.clone(), false))
-                .await
-                .expect("republish");
+            c.unpublish(&vol.volume_id, &target).await;
+            c.unstage(&vol.volume_id, &staging).await;
+            c.stage(&vol, &staging, cap.clone()).await;
+            c.publish(&vol, &staging, &target, cap.clone(), false).await;
         }
     }
     let (total, _) = fs_size(&target);
@@ -542,46 +473,17 @@ async fn ext4_on_an_ext4_pool_snapshots_by_copy_clones_and_grows_at_restage() {
 async fn twenty_volumes_created_and_staged_in_parallel_each_get_their_own_device() {
     let lab = Lab::new(Pool::Plain);
     let driver = lab.start(&[]);
-    let c = driver.clients().await;
+    let mut c = driver.clients().await;
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let mut tasks = Vec::new();
-    for i in 0..20 {
-        let mut c = Clients {
-            identity: c.identity.clone(),
-            controller: c.controller.clone(),
-            node: c.node.clone(),
-        };
-        let cap = cap.clone();
-        let staging = lab.staging(&format!("par-{i}"));
-        tasks.push(tokio::spawn(async move {
-            let vol = c
-                .controller
-                .create_volume(create_req(&format!("par-{i}"), 16 * MIB, cap.clone()))
-                .await?
-                .into_inner()
-                .volume
-                .expect("volume");
-            c.node
-                .node_stage_volume(stage_req(&vol, &staging, cap))
-                .await?;
-            Ok::<_, tonic::Status>((vol, staging))
-        }));
-    }
-    let mut staged = Vec::new();
-    for t in tasks {
-        staged.push(t.await.expect("task").expect("create + stage"));
-    }
+    let staged: Vec<_> = create_and_stage_in_parallel(&c, &lab, 20, 16 * MIB, &cap)
+        .await
+        .into_iter()
+        .map(|r| r.expect("create + stage"))
+        .collect();
     assert_eq!(lab.loops().len(), 20, "20 distinct loop devices");
-    let mut c = c;
-    for (vol, staging) in staged {
-        c.node
-            .node_unstage_volume(unstage_req(&vol.volume_id, &staging))
-            .await
-            .expect("unstage");
-        c.controller
-            .delete_volume(delete_req(&vol.volume_id))
-            .await
-            .expect("delete");
+    for (id, staging) in staged {
+        c.unstage(&id, &staging).await;
+        c.delete(&id).await;
     }
     lab.assert_clean();
 }

@@ -5,9 +5,9 @@
 //! atomically (temp file, fsync, rename, fsync of the directory): a runtime never reads a
 //! torn spec.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use nodekit_nsutil::durable;
 use serde::Serialize;
 
 use crate::discovery::{Device, DeviceNode};
@@ -156,30 +156,14 @@ pub fn build_spec(
 /// Writes `spec` to its file in `dir` (created if missing), atomically. Returns the file.
 pub fn write_spec(dir: &Path, spec: &Spec) -> Result<PathBuf, CdiError> {
     let path = spec_path(dir, &spec.kind);
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| CdiError::Write { path: p, source }
-    };
     let json = serde_json::to_vec_pretty(spec).map_err(|source| CdiError::Serialise {
         kind: spec.kind.clone(),
         source,
     })?;
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    file.write_all(&json).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    drop(file);
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
+    durable::write(&path, &json).map_err(|e| CdiError::Write {
+        path: e.path,
+        source: e.source,
+    })?;
     Ok(path)
 }
 

@@ -1,4 +1,5 @@
-//! Network namespace helpers shared by nodekit's plugins, lab and tests.
+//! Shared OS helpers for nodekit's crates, lab and tests: network namespaces (this module)
+//! and crash-safe file replacement ([`durable`]).
 //!
 //! Every namespace switch happens on a dedicated OS thread that is thrown away afterwards
 //! (the pattern of containernetworking/plugins' `ns.Do`), so no caller thread — and never a
@@ -16,6 +17,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
+
+pub mod durable;
 
 /// Where iproute2 and container runtimes keep named network namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";

@@ -94,6 +94,18 @@ pub fn bind(path: impl AsRef<Path>) -> Result<UnixListenerStream, UdsError> {
     Ok(UnixListenerStream::new(listener))
 }
 
+/// The socket path of a gRPC endpoint as CSI, CRI and kubelet flags spell it:
+/// `unix:///abs.sock` and `unix:rel.sock` give the path after the scheme, anything else is
+/// taken as a path already. Checking the result (absolute? exists?) is the caller's.
+pub fn endpoint_path(endpoint: &str) -> &Path {
+    Path::new(
+        endpoint
+            .strip_prefix("unix://")
+            .or_else(|| endpoint.strip_prefix("unix:"))
+            .unwrap_or(endpoint),
+    )
+}
+
 fn remove_stale_socket(path: &Path) -> Result<(), UdsError> {
     let stale = |source| UdsError::RemoveStale {
         path: path.to_path_buf(),
@@ -112,6 +124,18 @@ fn remove_stale_socket(path: &Path) -> Result<(), UdsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_paths_drop_the_unix_scheme() {
+        for (endpoint, path) in [
+            ("unix:///run/csi/csi.sock", "/run/csi/csi.sock"),
+            ("unix:/run/cri.sock", "/run/cri.sock"),
+            ("unix://rel.sock", "rel.sock"),
+            ("/plain/path.sock", "/plain/path.sock"),
+        ] {
+            assert_eq!(endpoint_path(endpoint), Path::new(path), "{endpoint}");
+        }
+    }
 
     #[tokio::test]
     async fn bind_creates_the_parent_directory() {

@@ -32,12 +32,16 @@ pub fn tunnel_peers(
     state: &IpamState,
     desired: &BTreeMap<IpNetwork, RouteTarget>,
 ) -> Vec<(IpAddr, [u8; 6])> {
-    let mut peers: Vec<(IpAddr, [u8; 6])> = desired
+    // Each node's blocks share its gateway: look every gateway up once, in order.
+    let gateways: BTreeSet<IpAddr> = desired
         .values()
         .filter_map(|t| match t {
             RouteTarget::Tunnel { gateway, .. } => Some(*gateway),
             _ => None,
         })
+        .collect();
+    gateways
+        .into_iter()
         .filter_map(|gw| {
             let node = state
                 .nodes()
@@ -45,10 +49,7 @@ pub fn tunnel_peers(
                 .find(|n| n.address(gw.is_ipv4()) == Some(gw))?;
             Some((gw, parse_mac(node.vxlan_mac.as_deref()?)?))
         })
-        .collect();
-    peers.sort();
-    peers.dedup();
-    peers
+        .collect()
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {

@@ -461,22 +461,29 @@ fn plugin_runtime(
     Ok(rt)
 }
 
+/// Maps a failed plugin call of `target` (`op` of pod `pod` in `phase`) to a [`BenchError`].
+fn call_err(
+    target: Target,
+    op: Op,
+    pod: usize,
+    phase: &str,
+) -> impl FnOnce(CallError) -> BenchError {
+    let phase = phase.to_string();
+    move |source| BenchError::Call {
+        target,
+        op,
+        pod,
+        phase,
+        source: Box::new(source),
+    }
+}
+
 fn bench_plugin(
     lab: &Lab,
     target: Target,
     opts: &BenchOptions,
 ) -> Result<Vec<Measurement>, BenchError> {
     let rt = plugin_runtime(lab, target, opts)?;
-    let call_err = |op, pod, phase: &str| {
-        let phase = phase.to_string();
-        move |source| BenchError::Call {
-            target,
-            op,
-            pod,
-            phase,
-            source: Box::new(source),
-        }
-    };
 
     // Warm-up: creates the bridge (and whatever else a first ADD sets up), loads the
     // binaries into the page cache.
@@ -487,9 +494,11 @@ fn bench_plugin(
             netns: pod.path(),
             ifname: IFNAME.into(),
         };
-        let cached = rt.add(&att).map_err(call_err(Op::Add, 0, "warm-up"))?;
+        let cached = rt
+            .add(&att)
+            .map_err(call_err(target, Op::Add, 0, "warm-up"))?;
         rt.del(&att, Some(&cached))
-            .map_err(call_err(Op::Del, 0, "warm-up"))?;
+            .map_err(call_err(target, Op::Del, 0, "warm-up"))?;
     }
 
     let mut out = Vec::new();
@@ -512,7 +521,10 @@ fn bench_plugin(
             opts.pods,
             conc,
             || Ok(()),
-            |_, i| rt.add(&atts[i]).map_err(call_err(Op::Add, i, &phase)),
+            |_, i| {
+                rt.add(&atts[i])
+                    .map_err(call_err(target, Op::Add, i, &phase))
+            },
         )?;
         out.extend(measurement(target, Op::Add, conc, &added));
         std::thread::sleep(opts.settle);
@@ -523,7 +535,7 @@ fn bench_plugin(
             || Ok(()),
             |_, i| {
                 rt.del(&atts[i], added.outputs.get(i))
-                    .map_err(call_err(Op::Del, i, &phase))
+                    .map_err(call_err(target, Op::Del, i, &phase))
             },
         )?;
         out.extend(measurement(target, Op::Del, conc, &deleted));
@@ -536,7 +548,7 @@ fn bench_plugin(
         |_, i| {
             rt.version_of(0)
                 .map(|_| ())
-                .map_err(call_err(Op::Version, i, "exec baseline"))
+                .map_err(call_err(target, Op::Version, i, "exec baseline"))
         },
     )?;
     out.extend(measurement(target, Op::Version, 1, &versions));

@@ -78,13 +78,7 @@ fn io_err(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> CheckError 
 pub type CheckFn = fn(&Env) -> Result<Outcome, CheckError>;
 
 /// A check with its sentence-like name.
-#[derive(Debug, Clone, Copy)]
-pub struct Check {
-    /// The name, read after the target prefix: `cni[bridge] ADD returns a spec-shaped result`.
-    pub name: &'static str,
-    /// The check.
-    pub run: CheckFn,
-}
+pub type Check = crate::suite::Check<CheckFn>;
 
 /// The checks after the per-plugin VERSION checks, in run order.
 pub const CHECKS: &[Check] = &[

@@ -15,16 +15,15 @@ pub mod multinode;
 pub mod result;
 pub mod version;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use nodekit_nsutil::{NetNs, NsError, NETNS_RUN_DIR};
 use serde_json::{json, Value};
 
 use crate::lab::{Lab, LabError};
-use crate::report::{Outcome, Reporter, TestRecord};
+use crate::report::{Outcome, Reporter};
+use crate::suite;
 use conf::{ConfError, ConfList};
 use exec::{CniRuntime, NegotiateError, NetnsExec, DEFAULT_TIMEOUT};
 use version::Negotiated;
@@ -105,7 +104,7 @@ struct TargetSpec {
 impl TargetSpec {
     /// The prefix of its test names: `cni[bridge]`.
     fn group(&self) -> String {
-        format!("{SUITE}[{}]", self.label)
+        suite::group(SUITE, &self.label)
     }
 
     /// The configuration, with plugin state under `scratch`.
@@ -247,12 +246,7 @@ impl Env {
     }
 }
 
-/// A named test of the suite.
-struct Selected {
-    name: String,
-    run: TestFn,
-}
-
+/// A test of a target: a plugin's VERSION check or one of [`checks::CHECKS`].
 enum TestFn {
     Version(usize),
     Check(checks::CheckFn),
@@ -311,20 +305,17 @@ fn run_target(
 ) -> Result<(), CniSuiteError> {
     let group = spec.group();
     let probe = spec.conf(Path::new("/nonexistent-scratch"))?;
-    let mut tests: Vec<Selected> = Vec::new();
+    let mut tests: Vec<(String, TestFn)> = Vec::new();
     for (i, ty) in probe.plugin_types().iter().enumerate() {
-        tests.push(Selected {
-            name: format!("{group} {}", checks::version_check_name(ty)),
-            run: TestFn::Version(i),
-        });
+        tests.push((
+            format!("{group} {}", checks::version_check_name(ty)),
+            TestFn::Version(i),
+        ));
     }
     for check in checks::CHECKS {
-        tests.push(Selected {
-            name: format!("{group} {}", check.name),
-            run: TestFn::Check(check.run),
-        });
+        tests.push((format!("{group} {}", check.name), TestFn::Check(check.run)));
     }
-    tests.retain(|t| selected(&t.name));
+    tests.retain(|(name, _)| selected(name));
     if tests.is_empty() {
         return Ok(());
     }
@@ -359,40 +350,16 @@ fn run_target(
         negotiated,
         warm: OnceLock::new(),
     };
-    for test in tests {
-        let started = Instant::now();
-        let outcome = match (&test.run, &env.negotiated) {
-            (TestFn::Version(i), _) => guarded(|| checks::version_check(&env, *i)),
-            (TestFn::Check(f), Ok(_)) => guarded(|| f(&env)),
+    suite::run_tests(reporter, SUITE, &group, tests, |test| {
+        match (test, &env.negotiated) {
+            (TestFn::Version(i), _) => checks::version_check(&env, *i),
+            (TestFn::Check(f), Ok(_)) => f(&env),
             (TestFn::Check(_), Err(e)) => {
-                Outcome::Failed(format!("no CNI version negotiated: {e}"))
+                Ok(Outcome::Failed(format!("no CNI version negotiated: {e}")))
             }
-        };
-        reporter.record(TestRecord::new(
-            SUITE,
-            &group,
-            test.name,
-            &outcome,
-            started.elapsed(),
-        ));
-    }
-    Ok(())
-}
-
-/// Runs one check, turning its error or panic into a failure.
-pub(crate) fn guarded(f: impl FnOnce() -> Result<Outcome, checks::CheckError>) -> Outcome {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(e)) => Outcome::Failed(e.to_string()),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".to_string());
-            Outcome::Failed(format!("the check panicked: {what}"))
         }
-    }
+    });
+    Ok(())
 }
 
 /// Every test name suite `cni` would run against `choice` (for `--list`-style tooling and
@@ -405,9 +372,7 @@ pub fn test_names(choice: &CniTarget) -> Result<Vec<String>, CniSuiteError> {
         for ty in conf.plugin_types() {
             names.push(format!("{group} {}", checks::version_check_name(ty)));
         }
-        for check in checks::CHECKS {
-            names.push(format!("{group} {}", check.name));
-        }
+        names.extend(suite::names(&group, checks::CHECKS));
     }
     if *choice == CniTarget::Nodekit {
         names.extend(multinode::test_names());

@@ -20,7 +20,8 @@ use super::{nodekit_conflist, result, CniSuiteError, SUITE};
 use crate::inspect::{self, RouteView};
 use crate::lab::multinode::{self, MultiNodeLab, OUTSIDE_IP};
 use crate::lab::PodNs;
-use crate::report::{Outcome, Reporter, TestRecord};
+use crate::report::{Outcome, Reporter};
+use crate::suite;
 
 /// The plugin modes that get a multi-node target.
 pub const MODES: &[&str] = &["routed", "bridge"];
@@ -38,13 +39,7 @@ const CONVERGE: Duration = Duration::from_secs(10);
 pub type ClusterCheckFn = fn(&Cluster) -> Result<Outcome, CheckError>;
 
 /// A cross-node check with its sentence-like name.
-#[derive(Debug, Clone, Copy)]
-pub struct ClusterCheck {
-    /// The name, read after the target prefix.
-    pub name: &'static str,
-    /// The check.
-    pub run: ClusterCheckFn,
-}
+pub type ClusterCheck = crate::suite::Check<ClusterCheckFn>;
 
 /// The cross-node checks, in run order (removing a node comes last: it changes the lab).
 pub const CHECKS: &[ClusterCheck] = &[
@@ -72,17 +67,14 @@ pub const CHECKS: &[ClusterCheck] = &[
 
 /// The prefix of a multi-node target's test names: `cni[multinode-routed]`.
 pub fn group(mode: &str) -> String {
-    format!("{SUITE}[multinode-{mode}]")
+    suite::group(SUITE, &format!("multinode-{mode}"))
 }
 
 /// Every multi-node test name, in run order.
 pub fn test_names() -> Vec<String> {
     MODES
         .iter()
-        .flat_map(|mode| {
-            let group = group(mode);
-            CHECKS.iter().map(move |c| format!("{group} {}", c.name))
-        })
+        .flat_map(|mode| suite::names(&group(mode), CHECKS))
         .collect()
 }
 
@@ -389,11 +381,7 @@ pub fn run(
 ) -> Result<(), CniSuiteError> {
     for &mode in MODES {
         let group = group(mode);
-        let checks: Vec<(String, ClusterCheckFn)> = CHECKS
-            .iter()
-            .map(|c| (format!("{group} {}", c.name), c.run))
-            .filter(|(name, _)| selected(name))
-            .collect();
+        let checks = suite::select(&group, CHECKS, selected);
         if checks.is_empty() {
             continue;
         }
@@ -409,17 +397,7 @@ pub fn run(
             bin_dir: bin_dir.to_path_buf(),
             lab,
         };
-        for (name, check) in checks {
-            let started = Instant::now();
-            let outcome = super::guarded(|| check(&cluster));
-            reporter.record(TestRecord::new(
-                SUITE,
-                &group,
-                name,
-                &outcome,
-                started.elapsed(),
-            ));
-        }
+        suite::run_tests(reporter, SUITE, &group, checks, |c| (c.run)(&cluster));
     }
     Ok(())
 }

@@ -25,7 +25,8 @@ use nodekit_proto::cri::v1::image_service_client::ImageServiceClient;
 use nodekit_proto::cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
-use crate::report::{Outcome, Reporter, Status, TestRecord};
+use crate::report::{Reporter, Status};
+use crate::suite;
 use lab::{CriRuntime, Lab, LabError, LabOptions};
 use pod::PodTemplate;
 
@@ -253,11 +254,7 @@ impl Env {
 
 /// Every test name the suite would run against `target`.
 pub fn test_names(target: &CriTarget) -> Vec<String> {
-    let group = format!("{SUITE}[{}]", target.label());
-    checks::CHECKS
-        .iter()
-        .map(|c| format!("{group} {}", c.name))
-        .collect()
+    suite::names(&suite::group(SUITE, target.label()), checks::CHECKS)
 }
 
 /// Runs the suite against each of `targets` in turn, recording every test whose full name
@@ -287,12 +284,8 @@ fn run_target(
     selected: &dyn Fn(&str) -> bool,
     reporter: &mut Reporter,
 ) -> Result<Vec<(&'static str, Status)>, CriSuiteError> {
-    let group = format!("{SUITE}[{}]", target.label());
-    let tests: Vec<(String, &checks::Check)> = checks::CHECKS
-        .iter()
-        .map(|c| (format!("{group} {}", c.name), c))
-        .filter(|(name, _)| selected(name))
-        .collect();
+    let group = suite::group(SUITE, target.label());
+    let tests = suite::select(&group, checks::CHECKS, selected);
     if tests.is_empty() {
         return Ok(Vec::new());
     }
@@ -309,45 +302,30 @@ fn run_target(
         "== {group}: {version}, image {}",
         env.template.image
     ));
-    let mut statuses = Vec::new();
-    let mut failed = false;
-    for (name, check) in tests {
-        let started = Instant::now();
-        let outcome = crate::cni::guarded(|| {
-            let result = env.rt.block_on(async {
-                let r = tokio::time::timeout(CHECK_TIMEOUT, (check.run)(&env)).await;
-                env.teardown().await;
-                r
-            });
-            match result {
-                Ok(r) => r,
-                Err(_) => Err(checks::CheckError::Violation(format!(
-                    "the check took over {CHECK_TIMEOUT:?}"
-                ))),
-            }
-            .map_err(|e| crate::cni::checks::CheckError::Violation(e.to_string()))
+    let statuses = suite::run_tests(reporter, SUITE, &group, tests, |check| {
+        let result = env.rt.block_on(async {
+            let r = tokio::time::timeout(CHECK_TIMEOUT, (check.run)(&env)).await;
+            env.teardown().await;
+            r
         });
-        failed |= matches!(outcome, Outcome::Failed(_));
-        statuses.push((check.name, outcome.status()));
-        reporter.record(TestRecord::new(
-            SUITE,
-            &group,
-            name,
-            &outcome,
-            started.elapsed(),
-        ));
-    }
+        match result {
+            Ok(r) => r,
+            Err(_) => Err(checks::CheckError::Violation(format!(
+                "the check took over {CHECK_TIMEOUT:?}"
+            ))),
+        }
+    });
     // Pods of a check that panicked mid-way.
     env.rt.block_on(env.teardown());
-    if failed {
+    if suite::any_failed(&statuses) {
         if let Some(tail) = env.log_tail() {
-            reporter.note(&format!("== {group}: last lines of the runtime log:"));
-            for line in tail.lines() {
-                reporter.note(&format!("   {line}"));
-            }
+            suite::note_log(reporter, &group, "runtime", &tail);
         }
     }
-    Ok(statuses)
+    Ok(statuses
+        .into_iter()
+        .map(|(check, status)| (check.name, status))
+        .collect())
 }
 
 /// Note lines naming each check whose status differs between targets.

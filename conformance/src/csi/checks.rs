@@ -68,13 +68,7 @@ fn io_err(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> CheckError 
 pub type CheckFn = fn(&Env) -> Result<Outcome, CheckError>;
 
 /// A check with its sentence-like name.
-#[derive(Debug, Clone, Copy)]
-pub struct Check {
-    /// The name, read after the target prefix.
-    pub name: &'static str,
-    /// The check.
-    pub run: CheckFn,
-}
+pub type Check = crate::suite::Check<CheckFn>;
 
 /// The checks, in run order (the leftover check last).
 pub const CHECKS: &[Check] = &[

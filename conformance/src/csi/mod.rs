@@ -22,7 +22,8 @@ use nodekit_proto::csi::v1::identity_client::IdentityClient;
 use nodekit_proto::csi::v1::node_client::NodeClient;
 use tonic::transport::Channel;
 
-use crate::report::{Outcome, Reporter, TestRecord};
+use crate::report::Reporter;
+use crate::suite;
 
 /// The suite's name.
 pub const SUITE: &str = "csi";
@@ -182,9 +183,10 @@ impl Lab {
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL)..].join("\n")
+        suite::tail(
+            &std::fs::read_to_string(&self.log).unwrap_or_default(),
+            LOG_TAIL,
+        )
     }
 }
 
@@ -317,11 +319,7 @@ impl Env {
 
 /// Every test name the suite would run against `target`.
 pub fn test_names(target: &CsiTarget) -> Vec<String> {
-    let group = format!("{SUITE}[{}]", target.label());
-    checks::CHECKS
-        .iter()
-        .map(|c| format!("{group} {}", c.name))
-        .collect()
+    suite::names(&suite::group(SUITE, target.label()), checks::CHECKS)
 }
 
 /// Runs the suite against `target`, recording every test whose full name `selected`
@@ -331,12 +329,8 @@ pub fn run(
     selected: &dyn Fn(&str) -> bool,
     reporter: &mut Reporter,
 ) -> Result<(), CsiSuiteError> {
-    let group = format!("{SUITE}[{}]", target.label());
-    let tests: Vec<(String, checks::CheckFn)> = checks::CHECKS
-        .iter()
-        .map(|c| (format!("{group} {}", c.name), c.run))
-        .filter(|(name, _)| selected(name))
-        .collect();
+    let group = suite::group(SUITE, target.label());
+    let tests = suite::select(&group, checks::CHECKS, selected);
     if tests.is_empty() {
         return Ok(());
     }
@@ -345,27 +339,10 @@ pub fn run(
         "== {group}: staging and targets under {}",
         env.kubelet_dir.display()
     ));
-    let mut failed = false;
-    for (name, run) in tests {
-        let started = Instant::now();
-        let outcome = crate::cni::guarded(|| {
-            run(&env).map_err(|e| crate::cni::checks::CheckError::Violation(e.to_string()))
-        });
-        failed |= matches!(outcome, Outcome::Failed(_));
-        reporter.record(TestRecord::new(
-            SUITE,
-            &group,
-            name,
-            &outcome,
-            started.elapsed(),
-        ));
-    }
-    if failed {
+    let statuses = suite::run_tests(reporter, SUITE, &group, tests, |c| (c.run)(&env));
+    if suite::any_failed(&statuses) {
         if let Some(tail) = env.log_tail() {
-            reporter.note(&format!("== {group}: last lines of the driver log:"));
-            for line in tail.lines() {
-                reporter.note(&format!("   {line}"));
-            }
+            suite::note_log(reporter, &group, "driver", &tail);
         }
     }
     Ok(())

@@ -54,13 +54,7 @@ fn violation(message: impl Into<String>) -> CheckError {
 pub type CheckFn = fn(&Env) -> Result<Outcome, CheckError>;
 
 /// A check with its sentence-like name.
-#[derive(Debug, Clone, Copy)]
-pub struct Check {
-    /// The name, read after the target prefix.
-    pub name: &'static str,
-    /// The check.
-    pub run: CheckFn,
-}
+pub type Check = crate::suite::Check<CheckFn>;
 
 /// The checks, in run order (the kubelet restart last).
 pub const CHECKS: &[Check] = &[

@@ -16,13 +16,14 @@ pub mod checks;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nodekit_device_plugin::kubelet::registration::KubeletServer;
 use nodekit_device_plugin::kubelet::{DeviceManager, ManagerError};
 use nodekit_device_plugin::lab::{Lab, LabError, PluginProcess};
 
-use crate::report::{Outcome, Reporter, TestRecord};
+use crate::report::Reporter;
+use crate::suite;
 
 /// The suite's name.
 pub const SUITE: &str = "device-plugin";
@@ -170,11 +171,7 @@ impl Env {
 
 /// Every test name the suite would run against `target`.
 pub fn test_names(target: &DevicePluginTarget) -> Vec<String> {
-    let group = format!("{SUITE}[{}]", target.label());
-    checks::CHECKS
-        .iter()
-        .map(|c| format!("{group} {}", c.name))
-        .collect()
+    suite::names(&suite::group(SUITE, target.label()), checks::CHECKS)
 }
 
 /// Runs the suite against `target`, recording every test whose full name `selected`
@@ -184,12 +181,8 @@ pub fn run(
     selected: &dyn Fn(&str) -> bool,
     reporter: &mut Reporter,
 ) -> Result<(), DevicePluginSuiteError> {
-    let group = format!("{SUITE}[{}]", target.label());
-    let tests: Vec<(String, checks::CheckFn)> = checks::CHECKS
-        .iter()
-        .map(|c| (format!("{group} {}", c.name), c.run))
-        .filter(|(name, _)| selected(name))
-        .collect();
+    let group = suite::group(SUITE, target.label());
+    let tests = suite::select(&group, checks::CHECKS, selected);
     if tests.is_empty() {
         return Ok(());
     }
@@ -203,33 +196,15 @@ pub fn run(
         env.lab.path().display(),
         env.lab.log_path().display()
     ));
-    let mut failed = false;
-    for (name, run) in tests {
-        let started = Instant::now();
-        let outcome = crate::cni::guarded(|| {
-            run(&env).map_err(|e| crate::cni::checks::CheckError::Violation(e.to_string()))
-        });
-        failed |= matches!(outcome, Outcome::Failed(_));
-        reporter.record(TestRecord::new(
-            SUITE,
-            &group,
-            name,
-            &outcome,
-            started.elapsed(),
-        ));
-    }
+    let statuses = suite::run_tests(reporter, SUITE, &group, tests, |c| (c.run)(&env));
     let kubelet = env.kubelet.lock().ok().and_then(|mut k| k.take());
     if let Some(kubelet) = kubelet {
         env.rt.block_on(kubelet.stop());
     }
-    if failed {
+    if suite::any_failed(&statuses) {
         // The lab (and the log in it) is removed on return: show the log's end now.
         let log = std::fs::read_to_string(env.lab.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        reporter.note(&format!("== {group}: last lines of the plugin log:"));
-        for line in &lines[lines.len().saturating_sub(LOG_TAIL)..] {
-            reporter.note(&format!("   {line}"));
-        }
+        suite::note_log(reporter, &group, "plugin", &suite::tail(&log, LOG_TAIL));
     }
     Ok(())
 }

@@ -45,16 +45,6 @@ pub fn exit_reason(rec: &ContainerRecord) -> &'static str {
     }
 }
 
-fn required<'a>(value: &'a str, field: &'static str) -> Result<&'a str, CriError> {
-    if value.is_empty() {
-        return Err(CriError::InvalidArgument {
-            field,
-            reason: "must not be empty".into(),
-        });
-    }
-    Ok(value)
-}
-
 fn mount_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(nix::Error) -> CriError + 'a {
     move |source| CriError::Mount {
         what,
@@ -138,22 +128,19 @@ impl Manager {
         config: Option<ContainerConfig>,
         sandbox_config: Option<PodSandboxConfig>,
     ) -> Result<String, CriError> {
-        required(sandbox_id, "pod_sandbox_id")?;
-        let config = config.ok_or(CriError::InvalidArgument {
-            field: "config",
-            reason: "is required".into(),
-        })?;
-        let meta = config.metadata.clone().ok_or(CriError::InvalidArgument {
-            field: "config.metadata",
-            reason: "is required".into(),
-        })?;
-        required(&meta.name, "config.metadata.name")?;
+        CriError::non_empty(sandbox_id, "pod_sandbox_id")?;
+        let config = config.ok_or_else(|| CriError::invalid("config", "is required"))?;
+        let meta = config
+            .metadata
+            .clone()
+            .ok_or_else(|| CriError::invalid("config.metadata", "is required"))?;
+        CriError::non_empty(&meta.name, "config.metadata.name")?;
         let image_name = config
             .image
             .as_ref()
             .map(|i| i.image.clone())
             .unwrap_or_default();
-        required(&image_name, "config.image.image")?;
+        CriError::non_empty(&image_name, "config.image.image")?;
         let sandbox = self.sandbox(sandbox_id)?;
         if !self.sandbox_ready(&sandbox) {
             return Err(CriError::WrongState {
@@ -505,10 +492,7 @@ impl Manager {
         timeout: i64,
     ) -> Result<ExecOutput, CriError> {
         if cmd.is_empty() {
-            return Err(CriError::InvalidArgument {
-                field: "cmd",
-                reason: "must not be empty".into(),
-            });
+            return Err(CriError::invalid("cmd", "must not be empty"));
         }
         self.running_container(id, "exec needs a running container")?;
         let pid_file = self.exec_pid_file(id)?;
@@ -567,10 +551,7 @@ impl Manager {
         resources: Option<LinuxContainerResources>,
     ) -> Result<(), CriError> {
         let Some(resources) = resources else {
-            return Err(CriError::InvalidArgument {
-                field: "linux",
-                reason: "is required".into(),
-            });
+            return Err(CriError::invalid("linux", "is required"));
         };
         self.container(id)?;
         let _g = self.lock_id(id).await;

@@ -24,7 +24,7 @@ use crate::config::Options;
 use crate::error::CriError;
 use crate::image::pull::PullOptions;
 use crate::image::ImageStore;
-use crate::runtime::{OciRuntime, RuntimeKind};
+use crate::runtime::OciRuntime;
 use crate::store::{self, StoreError};
 use records::{ContainerRecord, SandboxRecord};
 
@@ -69,12 +69,10 @@ impl Manager {
         ] {
             std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir, source })?;
         }
-        let runtime_binary = opts.runtime_path.clone().unwrap_or_else(|| {
-            PathBuf::from(match opts.runtime {
-                RuntimeKind::Runc => "runc",
-                RuntimeKind::Crun => "crun",
-            })
-        });
+        let runtime_binary = opts
+            .runtime_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(opts.runtime.name()));
         let runtime = OciRuntime::new(
             runtime_binary,
             opts.state.join("runtime"),

@@ -80,16 +80,6 @@ pub fn capability_args(config: &PodSandboxConfig) -> BTreeMap<String, Value> {
     args
 }
 
-fn required<'a>(value: &'a str, field: &'static str) -> Result<&'a str, CriError> {
-    if value.is_empty() {
-        return Err(CriError::InvalidArgument {
-            field,
-            reason: "must not be empty".into(),
-        });
-    }
-    Ok(value)
-}
-
 /// The sandbox's namespace modes (network, pid, ipc), NODE meaning the host's.
 pub fn namespace_modes(config: &PodSandboxConfig) -> (NamespaceMode, NamespaceMode, NamespaceMode) {
     let opts = config
@@ -135,27 +125,24 @@ impl Manager {
         config: Option<PodSandboxConfig>,
         handler: &str,
     ) -> Result<String, CriError> {
-        let config = config.ok_or(CriError::InvalidArgument {
-            field: "config",
-            reason: "is required".into(),
-        })?;
-        let meta = config.metadata.as_ref().ok_or(CriError::InvalidArgument {
-            field: "config.metadata",
-            reason: "is required".into(),
-        })?;
+        let config = config.ok_or_else(|| CriError::invalid("config", "is required"))?;
+        let meta = config
+            .metadata
+            .as_ref()
+            .ok_or_else(|| CriError::invalid("config.metadata", "is required"))?;
         let name = format!(
             "{}_{}_{}_{}",
-            required(&meta.name, "config.metadata.name")?,
-            required(&meta.uid, "config.metadata.uid")?,
-            required(&meta.namespace, "config.metadata.namespace")?,
+            CriError::non_empty(&meta.name, "config.metadata.name")?,
+            CriError::non_empty(&meta.uid, "config.metadata.uid")?,
+            CriError::non_empty(&meta.namespace, "config.metadata.namespace")?,
             meta.attempt
         );
-        let runtime_name = format!("{:?}", self.opts.runtime).to_lowercase();
+        let runtime_name = self.opts.runtime.name();
         if !handler.is_empty() && handler != runtime_name {
-            return Err(CriError::InvalidArgument {
-                field: "runtime_handler",
-                reason: format!("unknown runtime handler {handler:?} (this runtime serves \"\" and {runtime_name:?})"),
-            });
+            return Err(CriError::invalid(
+                "runtime_handler",
+                format!("unknown runtime handler {handler:?} (this runtime serves \"\" and {runtime_name:?})"),
+            ));
         }
         let (net_mode, _, _) = namespace_modes(&config);
         let network = if net_mode == NamespaceMode::Node {

@@ -7,7 +7,7 @@ use nodekit_proto::cri::v1::{
     LinuxPodSandboxStats, MemoryUsage, PodSandboxAttributes, PodSandboxStats, UInt64Value,
 };
 
-use super::records::ContainerRecord;
+use super::records::{ContainerRecord, SandboxRecord};
 use super::{lock, now_ns, Manager};
 use crate::error::CriError;
 use crate::image::disk_usage;
@@ -74,13 +74,22 @@ impl Manager {
         Ok(self.stats_of(&self.container(id)?))
     }
 
-    /// PodSandboxStats: the sum of its containers' CPU and memory, with each container's.
+    /// PodSandboxStats: NOT_FOUND for unknown IDs.
     pub fn pod_sandbox_stats(&self, id: &str) -> Result<PodSandboxStats, CriError> {
         let sandbox = self.sandbox(id)?;
-        let containers: Vec<ContainerStats> = self
-            .containers()
+        Ok(self.sandbox_stats_of(&sandbox, &self.containers()))
+    }
+
+    /// Stats of one sandbox record: the sum of its containers' (found in `all`, every
+    /// container, so a listing refreshes them once) CPU and memory, with each container's.
+    pub fn sandbox_stats_of(
+        &self,
+        sandbox: &SandboxRecord,
+        all: &[ContainerRecord],
+    ) -> PodSandboxStats {
+        let containers: Vec<ContainerStats> = all
             .iter()
-            .filter(|c| c.sandbox_id == id)
+            .filter(|c| c.sandbox_id == sandbox.id)
             .map(|c| self.stats_of(c))
             .collect();
         let now = now_ns();
@@ -123,7 +132,7 @@ impl Manager {
             available_bytes: None,
         };
         let cfg = &sandbox.config.0;
-        Ok(PodSandboxStats {
+        PodSandboxStats {
             attributes: Some(PodSandboxAttributes {
                 id: sandbox.id.clone(),
                 metadata: cfg.metadata.clone(),
@@ -138,6 +147,6 @@ impl Manager {
                 containers,
             }),
             windows: None,
-        })
+        }
     }
 }

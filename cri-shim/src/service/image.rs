@@ -18,10 +18,7 @@ pub struct ImageSvc(pub Arc<Manager>);
 fn image_name(spec: Option<cri::ImageSpec>) -> Result<String, CriError> {
     match spec.map(|s| s.image).filter(|s| !s.is_empty()) {
         Some(name) => Ok(name),
-        None => Err(CriError::InvalidArgument {
-            field: "image.image",
-            reason: "must not be empty".into(),
-        }),
+        None => Err(CriError::invalid("image.image", "must not be empty")),
     }
 }
 

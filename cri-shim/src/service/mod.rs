@@ -53,23 +53,16 @@ fn unimplemented<T>(what: &'static str) -> Reply<T> {
     Err(CriError::Unimplemented(what).into())
 }
 
-fn invalid(field: &'static str, reason: &str) -> CriError {
-    CriError::InvalidArgument {
-        field,
-        reason: reason.into(),
-    }
-}
-
 /// The CRI rules for the streams of Exec (and Attach).
 fn check_stdio(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Result<(), CriError> {
     if tty && stderr {
-        return Err(invalid(
+        return Err(CriError::invalid(
             "stderr",
             "tty and stderr cannot both be true (a terminal has one output)",
         ));
     }
     if !(stdin || stdout || stderr) {
-        return Err(invalid(
+        return Err(CriError::invalid(
             "stdin",
             "one of stdin, stdout, or stderr must be set",
         ));
@@ -304,7 +297,7 @@ impl RuntimeService for RuntimeSvc {
         let r = r.into_inner();
         rpc("Exec", async {
             if r.cmd.is_empty() {
-                return Err(invalid("cmd", "must not be empty"));
+                return Err(CriError::invalid("cmd", "must not be empty"));
             }
             check_stdio(r.stdin, r.stdout, r.stderr, r.tty)?;
             self.0
@@ -325,11 +318,9 @@ impl RuntimeService for RuntimeSvc {
     ) -> Reply<cri::PortForwardResponse> {
         let r = r.into_inner();
         rpc("PortForward", async {
-            if r.pod_sandbox_id.is_empty() {
-                return Err(invalid("pod_sandbox_id", "must not be empty"));
-            }
+            CriError::non_empty(&r.pod_sandbox_id, "pod_sandbox_id")?;
             if let Err(reason) = crate::streaming::portforward::request_ports(&r.port) {
-                return Err(invalid("port", &reason));
+                return Err(CriError::invalid("port", reason));
             }
             self.0.ready_sandbox_netns(&r.pod_sandbox_id)?;
             let url = self.1.url(StreamRequest::PortForward(r))?;
@@ -387,6 +378,7 @@ impl RuntimeService for RuntimeSvc {
         r: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Reply<cri::ListPodSandboxStatsResponse> {
         let filter = r.into_inner().filter.unwrap_or_default();
+        let containers = self.0.containers();
         let stats = self
             .0
             .sandboxes()
@@ -394,7 +386,7 @@ impl RuntimeService for RuntimeSvc {
             .filter(|s| self.0.sandbox_ready(s))
             .filter(|s| id_matches(&filter.id, &s.id))
             .filter(|s| labels_match(&filter.label_selector, &s.config.0.labels))
-            .filter_map(|s| self.0.pod_sandbox_stats(&s.id).ok())
+            .map(|s| self.0.sandbox_stats_of(s, &containers))
             .collect();
         Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
@@ -417,7 +409,7 @@ impl RuntimeService for RuntimeSvc {
         let verbose = r.into_inner().verbose;
         let runtime_ok = which(
             self.0.options().runtime_path.as_deref(),
-            &format!("{:?}", self.0.options().runtime).to_lowercase(),
+            self.0.options().runtime.name(),
         );
         let network = self.0.network_config();
         let condition =
@@ -458,11 +450,10 @@ impl RuntimeService for RuntimeSvc {
                 user_namespaces: false,
             }),
         };
-        let runtime_name = format!("{:?}", self.0.options().runtime).to_lowercase();
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus { conditions }),
             info,
-            runtime_handlers: vec![handler(""), handler(&runtime_name)],
+            runtime_handlers: vec![handler(""), handler(self.0.options().runtime.name())],
             features: Some(cri::RuntimeFeatures {
                 supplemental_groups_policy: false,
             }),

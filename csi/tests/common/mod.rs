@@ -348,11 +348,67 @@ impl Drop for DriverProcess {
     }
 }
 
-/// gRPC clients of the three services.
+/// gRPC clients of the three services (cheap to clone: one shared channel).
+#[derive(Clone)]
 pub struct Clients {
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
     pub node: NodeClient<Channel>,
+}
+
+/// Calls that must succeed; a failure panics naming the call and the status.
+impl Clients {
+    pub async fn create(&mut self, name: &str, bytes: u64, cap: VolumeCapability) -> Volume {
+        self.controller
+            .create_volume(create_req(name, bytes, cap))
+            .await
+            .unwrap_or_else(|s| panic!("CreateVolume {name}: {s}"))
+            .into_inner()
+            .volume
+            .unwrap_or_else(|| panic!("CreateVolume {name}: no volume"))
+    }
+
+    pub async fn stage(&mut self, volume: &Volume, staging: &Path, cap: VolumeCapability) {
+        self.node
+            .node_stage_volume(stage_req(volume, staging, cap))
+            .await
+            .unwrap_or_else(|s| panic!("NodeStageVolume {}: {s}", volume.volume_id));
+    }
+
+    pub async fn publish(
+        &mut self,
+        volume: &Volume,
+        staging: &Path,
+        target: &Path,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) {
+        self.node
+            .node_publish_volume(publish_req(volume, staging, target, cap, readonly))
+            .await
+            .unwrap_or_else(|s| panic!("NodePublishVolume {}: {s}", volume.volume_id));
+    }
+
+    pub async fn unpublish(&mut self, volume_id: &str, target: &Path) {
+        self.node
+            .node_unpublish_volume(unpublish_req(volume_id, target))
+            .await
+            .unwrap_or_else(|s| panic!("NodeUnpublishVolume {volume_id}: {s}"));
+    }
+
+    pub async fn unstage(&mut self, volume_id: &str, staging: &Path) {
+        self.node
+            .node_unstage_volume(unstage_req(volume_id, staging))
+            .await
+            .unwrap_or_else(|s| panic!("NodeUnstageVolume {volume_id}: {s}"));
+    }
+
+    pub async fn delete(&mut self, volume_id: &str) {
+        self.controller
+            .delete_volume(delete_req(volume_id))
+            .await
+            .unwrap_or_else(|s| panic!("DeleteVolume {volume_id}: {s}"));
+    }
 }
 
 pub fn mount_cap(fs: &str, mode: Mode) -> VolumeCapability {
@@ -432,6 +488,44 @@ pub fn delete_req(volume_id: &str) -> DeleteVolumeRequest {
         volume_id: volume_id.into(),
         secrets: HashMap::new(),
     }
+}
+
+/// Creates and stages volumes `par-0`..`par-<n-1>` of `bytes` each, all at once: per
+/// volume, its ID and staging path, or the status of the call that failed.
+pub async fn create_and_stage_in_parallel(
+    c: &Clients,
+    lab: &Lab,
+    n: usize,
+    bytes: u64,
+    cap: &VolumeCapability,
+) -> Vec<Result<(String, PathBuf), tonic::Status>> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut c = c.clone();
+        let cap = cap.clone();
+        let name = format!("par-{i}");
+        let staging = lab.staging(&name);
+        tasks.push(tokio::spawn(async move {
+            let vol = c
+                .controller
+                .create_volume(create_req(&name, bytes, cap.clone()))
+                .await?
+                .into_inner()
+                .volume
+                .ok_or_else(|| {
+                    tonic::Status::internal(format!("CreateVolume {name}: no volume"))
+                })?;
+            c.node
+                .node_stage_volume(stage_req(&vol, &staging, cap))
+                .await?;
+            Ok((vol.volume_id, staging))
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
 }
 
 /// The gRPC code of a call's result (`Ok` for success).

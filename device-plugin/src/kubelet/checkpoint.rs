@@ -4,9 +4,9 @@
 //! same directory, fsync, rename over the old one, fsync of the directory; a crash leaves
 //! either the old or the new checkpoint, never a torn one.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use nodekit_nsutil::durable;
 use nodekit_proto::deviceplugin::v1beta1 as api;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -109,10 +109,6 @@ pub fn load(path: &Path) -> Result<Vec<Entry>, CheckpointError> {
 
 /// Replaces the checkpoint at `path` with `entries`, atomically and durably.
 pub fn save(path: &Path, entries: &[Entry]) -> Result<(), CheckpointError> {
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| CheckpointError::Io { path: p, source }
-    };
     let file = File {
         version: VERSION,
         entries: entries
@@ -130,17 +126,10 @@ pub fn save(path: &Path, entries: &[Entry]) -> Result<(), CheckpointError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(&json).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    durable::write(path, &json).map_err(|e| CheckpointError::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 fn to_hex(bytes: &[u8]) -> String {

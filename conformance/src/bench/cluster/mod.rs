@@ -36,9 +36,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::stats::{self, Summary};
-use super::{drive, interrupt, BenchError, BenchOptions, Op, Target, IFNAME};
+use super::{call_err, drive, interrupt, BenchError, BenchOptions, Op, Target, IFNAME};
 use crate::cni::conf::ConfList;
-use crate::cni::exec::{Attachment, CallError, CniRuntime, NetnsExec};
+use crate::cni::exec::{Attachment, CniRuntime, NetnsExec};
 use crate::cni::nodekit_conflist;
 use crate::inspect;
 use crate::lab::multinode::{
@@ -301,22 +301,6 @@ fn node_runtime(
         source,
     })?;
     Ok(rt)
-}
-
-fn call_err(
-    target: Target,
-    op: Op,
-    pod: usize,
-    phase: &str,
-) -> impl FnOnce(CallError) -> BenchError {
-    let phase = phase.to_string();
-    move |source| BenchError::Call {
-        target,
-        op,
-        pod,
-        phase,
-        source: Box::new(source),
-    }
 }
 
 /// `count` fresh pod namespaces from `make` and their attachments `bench-<tag>-<k>`.

@@ -60,13 +60,7 @@ pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<Outcome, CheckErro
 pub type CheckFn = for<'a> fn(&'a Env) -> CheckFuture<'a>;
 
 /// A check with its sentence-like name.
-#[derive(Debug, Clone, Copy)]
-pub struct Check {
-    /// The name, read after the target prefix.
-    pub name: &'static str,
-    /// The check.
-    pub run: CheckFn,
-}
+pub type Check = crate::suite::Check<CheckFn>;
 
 /// The checks, in run order (the leftover check last).
 pub const CHECKS: &[Check] = &[

@@ -444,7 +444,7 @@ impl Lab {
 
     /// The last `lines` lines of the runtime log.
     pub fn runtime_log_tail(&self, lines: usize) -> String {
-        tail(&self.runtime_log(), lines)
+        crate::suite::tail(&self.runtime_log(), lines)
     }
 
     /// The runtime's per-container helpers of this lab: nodekit-cri's monitors, containerd's
@@ -557,11 +557,6 @@ impl Lab {
         pids.dedup();
         pids
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 impl Drop for Lab {
