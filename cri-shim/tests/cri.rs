@@ -22,7 +22,7 @@ async fn version_status_and_runtime_config_report_the_runtime() {
     let mut lab = Lab::start(LabOptions {
         network: false,
         registry: false,
-        extra_plugin: None,
+        ..Default::default()
     })
     .await;
     let v = lab
@@ -866,4 +866,78 @@ async fn host_network_pods_skip_cni_and_share_the_node_namespace() {
         .await
         .unwrap();
     assert!(lab.leftover_runtime_containers().is_empty());
+}
+
+#[tokio::test]
+async fn crun_runs_containers_on_a_hybrid_cgroup_host_without_touching_its_mounts() {
+    let unified_before = mounted_cgroup2();
+    let mut lab = Lab::start(LabOptions {
+        shim_args: vec!["--runtime".into(), "crun".into()],
+        ..Default::default()
+    })
+    .await;
+    lab.pull().await;
+    let pod = lab.run_pod("crun").await;
+    let job = lab
+        .run_container(&pod, "crun", "job", &["sh", "-c", "echo out; exit 3"])
+        .await;
+    let s = lab.wait_exited(&job).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (3, "Error"), "{s:?}");
+    assert_eq!(
+        log_records(&s.log_path),
+        [("stdout".into(), "F".into(), "out".into())]
+    );
+
+    let c = lab
+        .run_container(&pod, "crun", "sleeper", &["sleep", "3600"])
+        .await;
+    let out = lab.exec(&c, &["sh", "-c", "echo hi; exit 7"], 10).await;
+    let out = out.unwrap_or_else(|e| panic!("ExecSync under crun: {e}\n{}", lab.shim_log()));
+    assert_eq!((out.stdout.as_slice(), out.exit_code), (&b"hi\n"[..], 7));
+    lab.runtime
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: c.clone(),
+            linux: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 64 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("UpdateContainerResources under crun: {e}"));
+    let limit = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory{}/{c}/memory.limit_in_bytes",
+        lab.cgroup_parent
+    ))
+    .unwrap();
+    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+
+    lab.runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+    lab.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+    assert!(lab.leftover_runtime_containers().is_empty());
+    assert_eq!(
+        mounted_cgroup2(),
+        unified_before,
+        "the host's cgroup2 mount must stay"
+    );
+}
+
+/// The cgroup2 mount points of this (the host's) mount namespace.
+fn mounted_cgroup2() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" - cgroup2 "))
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .collect()
 }

@@ -29,6 +29,7 @@ pub struct Lab {
     pub node: NetNs,
     pub prefix: String,
     pub cgroup_parent: String,
+    shim_args: Vec<String>,
     lab: CriLab,
 }
 
@@ -39,6 +40,8 @@ pub struct LabOptions {
     pub registry: bool,
     /// A plugin type appended to the conflist (one of the fake plugins).
     pub extra_plugin: Option<&'static str>,
+    /// Flags for `nodekit-cri` after the lab's own.
+    pub shim_args: Vec<String>,
 }
 
 impl Default for LabOptions {
@@ -47,6 +50,7 @@ impl Default for LabOptions {
             network: true,
             registry: true,
             extra_plugin: None,
+            shim_args: Vec::new(),
         }
     }
 }
@@ -76,6 +80,7 @@ impl Lab {
             node: NetNs::open(lab.node().path()).unwrap(),
             prefix: lab.prefix().to_string(),
             cgroup_parent: lab.cgroup_parent(),
+            shim_args: opts.shim_args,
             lab,
         };
         lab.start_shim().await;
@@ -94,7 +99,7 @@ impl Lab {
     pub async fn start_shim(&mut self) {
         let runtime = CriRuntime::Nodekit {
             binary: env!("CARGO_BIN_EXE_nodekit-cri").into(),
-            args: Vec::new(),
+            args: self.shim_args.clone(),
             log_filter: "nodekit_cri=debug,info".into(),
         };
         let socket = self
