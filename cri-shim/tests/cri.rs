@@ -941,3 +941,66 @@ fn mounted_cgroup2() -> Vec<String> {
         .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
         .collect()
 }
+
+#[tokio::test]
+async fn containers_of_a_pod_share_its_dev_shm_until_the_pod_stops() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("shm").await;
+    let writer = lab
+        .run_container(&pod, "shm", "writer", &["sleep", "3600"])
+        .await;
+    let reader = lab
+        .run_container(&pod, "shm", "reader", &["sleep", "3600"])
+        .await;
+    let wrote = lab
+        .exec(&writer, &["sh", "-c", "echo shared > /dev/shm/seg"], 10)
+        .await
+        .unwrap();
+    assert_eq!(wrote.exit_code, 0, "{wrote:?}");
+    let read = lab
+        .exec(&reader, &["cat", "/dev/shm/seg"], 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&read.stdout),
+        "shared\n",
+        "{read:?}"
+    );
+    let mounts = lab
+        .exec(&reader, &["cat", "/proc/mounts"], 10)
+        .await
+        .unwrap();
+    let mounts = String::from_utf8_lossy(&mounts.stdout).into_owned();
+    let shm = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some("/dev/shm"));
+    assert!(
+        shm.is_some_and(|l| l.contains("tmpfs") && l.contains("size=65536k")),
+        "a 64 MiB tmpfs at /dev/shm: {mounts}"
+    );
+    let other = lab.run_pod("other").await;
+    let stranger = lab
+        .run_container(&other, "other", "stranger", &["sleep", "3600"])
+        .await;
+    let miss = lab
+        .exec(&stranger, &["cat", "/dev/shm/seg"], 10)
+        .await
+        .unwrap();
+    assert_ne!(miss.exit_code, 0, "another pod's /dev/shm is its own");
+
+    for id in [pod, other] {
+        lab.runtime
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let left: Vec<String> = lab
+        .leftover_mounts()
+        .into_iter()
+        .filter(|m| m.ends_with("/shm"))
+        .collect();
+    assert!(left.is_empty(), "stopped pods keep no /dev/shm: {left:?}");
+}

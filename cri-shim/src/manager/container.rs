@@ -6,14 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{mount, MsFlags};
 use nix::sys::signal::Signal;
 use nodekit_proto::cri::v1::{
     ContainerConfig, ContainerState, LinuxContainerResources, NamespaceMode, PodSandboxConfig,
 };
 
 use super::records::{ContainerPhase, ContainerRecord, Pb, SandboxPhase};
-use super::{lock, now_ns, Manager};
+use super::{lock, mount_err, now_ns, unmount, Manager};
 use crate::error::CriError;
 use crate::monitor::ExitRecord;
 use crate::oci::spec::{self, SandboxFiles, SpecInput};
@@ -42,14 +42,6 @@ pub fn exit_reason(rec: &ContainerRecord) -> &'static str {
         (Some(_), _) => "Error",
         (None, Some(_)) => "StartError",
         (None, None) => "",
-    }
-}
-
-fn mount_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(nix::Error) -> CriError + 'a {
-    move |source| CriError::Mount {
-        what,
-        path: path.to_path_buf(),
-        source,
     }
 }
 
@@ -293,6 +285,7 @@ impl Manager {
             hostname: Some(sb_dir.join("hostname")),
             hosts: Some(sb_dir.join("hosts")),
             resolv_conf: Some(sb_dir.join("resolv.conf")),
+            shm: self.sandbox_shm(sandbox),
         };
         let spec = spec::build(&SpecInput {
             container_id: &rec.id,
@@ -470,11 +463,7 @@ impl Manager {
             }
             m.signal(Signal::SIGKILL);
         }
-        let rootfs = self.rootfs(&rec.id);
-        match umount2(&rootfs, MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
-            Err(e) => return Err(mount_err("unmounting", &rootfs)(e)),
-        }
+        unmount(&self.rootfs(&rec.id))?;
         store::remove_dir_all(&self.container_root_dir(&rec.id))?;
         store::remove_dir_all(&self.container_state_dir(&rec.id))?;
         lock(&self.containers).remove(&rec.id);

@@ -54,6 +54,22 @@ pub struct Manager {
     cpu_samples: Mutex<HashMap<String, (i64, u64)>>,
 }
 
+fn mount_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(nix::Error) -> CriError + 'a {
+    move |source| CriError::Mount {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Unmounts `path` (detaching it if busy); nothing mounted there, or no `path`, is success.
+fn unmount(path: &Path) -> Result<(), CriError> {
+    match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
+        Err(e) => Err(mount_err("unmounting", path)(e)),
+    }
+}
+
 /// What the runtime must not see: crun refuses hybrid cgroup hosts, so its processes start
 /// without the unified mount and treat the host as plain cgroup v1 (runc copes with both).
 fn hidden_mounts(kind: RuntimeKind, cgroups: &Hierarchies) -> Vec<HiddenMount> {
