@@ -1004,3 +1004,102 @@ async fn containers_of_a_pod_share_its_dev_shm_until_the_pod_stops() {
         .collect();
     assert!(left.is_empty(), "stopped pods keep no /dev/shm: {left:?}");
 }
+
+#[tokio::test]
+async fn seccomp_profiles_filter_syscalls_and_bad_ones_are_invalid() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("seccomp").await;
+    let dir = tempfile::tempdir().unwrap();
+    let deny_mkdir = dir.path().join("deny-mkdir.json");
+    std::fs::write(
+        &deny_mkdir,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#,
+    )
+    .unwrap();
+    let mut started = Vec::new();
+    for (name, profile_type, localhost_ref) in [
+        (
+            "default",
+            cri::security_profile::ProfileType::RuntimeDefault,
+            "",
+        ),
+        (
+            "unconfined",
+            cri::security_profile::ProfileType::Unconfined,
+            "",
+        ),
+        (
+            "localhost",
+            cri::security_profile::ProfileType::Localhost,
+            deny_mkdir.to_str().unwrap(),
+        ),
+    ] {
+        let mut config = lab.container_config(name, &["sleep", "3600"]);
+        config.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                seccomp: Some(cri::SecurityProfile {
+                    profile_type: profile_type as i32,
+                    localhost_ref: localhost_ref.into(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = lab
+            .try_create_container(&pod, "seccomp", config)
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"));
+        lab.runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+        started.push(id);
+    }
+    let [default, unconfined, localhost] = &started[..] else {
+        unreachable!()
+    };
+    let mode = |out: cri::ExecSyncResponse| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:").map(|v| v.trim().to_string()))
+    };
+    let status = ["cat", "/proc/self/status"];
+    assert_eq!(
+        mode(lab.exec(default, &status, 10).await.unwrap()).as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        mode(lab.exec(unconfined, &status, 10).await.unwrap()).as_deref(),
+        Some("0")
+    );
+    // A user namespace needs no capability: only the default profile refuses it.
+    let userns = ["unshare", "-U", "true"];
+    let refused = lab.exec(default, &userns, 10).await.unwrap();
+    assert_ne!(refused.exit_code, 0, "{refused:?}");
+    let allowed = lab.exec(unconfined, &userns, 10).await.unwrap();
+    assert_eq!(allowed.exit_code, 0, "{allowed:?}");
+    let mkdir = ["mkdir", "/tmp/d"];
+    assert_ne!(lab.exec(localhost, &mkdir, 10).await.unwrap().exit_code, 0);
+    assert_eq!(lab.exec(default, &mkdir, 10).await.unwrap().exit_code, 0);
+
+    let mut config = lab.container_config("missing", &["true"]);
+    config.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            seccomp: Some(cri::SecurityProfile {
+                profile_type: cri::security_profile::ProfileType::Localhost as i32,
+                localhost_ref: "/nonexistent/profile.json".into(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let err = lab
+        .try_create_container(&pod, "seccomp", config)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("seccomp"), "{err}");
+}

@@ -573,6 +573,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
         ));
     }
     let (caps, ambient) = capability_set(sc, privileged)?;
+    let seccomp = super::seccomp::profile(sc, privileged, &caps)?;
     let mut user = UserBuilder::default()
         .uid(input.user.uid)
         .gid(input.user.gid);
@@ -649,6 +650,9 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
     }
     if let Some(p) = rootfs_propagation {
         linux = linux.rootfs_propagation(p);
+    }
+    if let Some(filter) = seccomp {
+        linux = linux.seccomp(filter);
     }
     let sysctls = input.sandbox.linux.as_ref().map(|l| &l.sysctls);
     if let Some(s) = sysctls.filter(|s| !s.is_empty()) {

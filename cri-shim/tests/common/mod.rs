@@ -183,17 +183,28 @@ impl Lab {
         name: &str,
         command: &[&str],
     ) -> String {
+        let config = self.container_config(name, command);
+        self.try_create_container(pod, pod_name, config)
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", self.shim_log()))
+    }
+
+    /// CreateContainer with a config of the test's own; returns the ID or the error.
+    pub async fn try_create_container(
+        &mut self,
+        pod: &str,
+        pod_name: &str,
+        config: cri::ContainerConfig,
+    ) -> Result<String, tonic::Status> {
         let req = cri::CreateContainerRequest {
             pod_sandbox_id: pod.into(),
-            config: Some(self.container_config(name, command)),
+            config: Some(config),
             sandbox_config: Some(self.sandbox_config(pod_name)),
         };
         self.runtime
             .create_container(req)
             .await
-            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", self.shim_log()))
-            .into_inner()
-            .container_id
+            .map(|r| r.into_inner().container_id)
     }
 
     pub async fn container_status(&mut self, id: &str) -> cri::ContainerStatus {
