@@ -55,9 +55,9 @@ pub struct MonitorArgs {
     /// OCI runtime binary (runc or crun).
     #[arg(long)]
     pub runtime: PathBuf,
-    /// The runtime's state root (`--root`).
-    #[arg(long)]
-    pub runtime_root: PathBuf,
+    /// The runtime's global flags (`--root DIR`, `--systemd-cgroup`), one per occurrence.
+    #[arg(long, allow_hyphen_values = true)]
+    pub runtime_arg: Vec<String>,
     /// Container ID.
     #[arg(long)]
     pub id: String,
@@ -178,8 +178,7 @@ fn create(args: &MonitorArgs) -> Result<(i32, OwnedFd, OwnedFd), MonitorError> {
         .collect::<Vec<_>>();
     hide_mounts_in_child(&mut cmd, &hidden);
     let status = cmd
-        .arg("--root")
-        .arg(&args.runtime_root)
+        .args(&args.runtime_arg)
         .arg("--log")
         .arg(&runtime_log)
         .arg("--log-format")

@@ -80,9 +80,9 @@ pub struct ExecOutput {
 #[derive(Debug, Clone)]
 pub struct OciRuntime {
     binary: PathBuf,
-    root: PathBuf,
     monitor: PathBuf,
     hidden_mounts: Vec<HiddenMount>,
+    global_args: Vec<String>,
 }
 
 /// Parameters of one `create`.
@@ -102,24 +102,30 @@ pub struct CreateParams<'a> {
 
 impl OciRuntime {
     /// A runtime at `binary` keeping its state in `root`, with `monitor` as the monitor;
-    /// every runtime process starts in a mount namespace without `hidden_mounts`.
+    /// every runtime process starts in a mount namespace without `hidden_mounts`. With
+    /// `systemd_cgroup` the runtime creates container cgroups through systemd.
     pub fn new(
         binary: PathBuf,
         root: PathBuf,
         monitor: PathBuf,
         hidden_mounts: Vec<HiddenMount>,
+        systemd_cgroup: bool,
     ) -> Self {
+        let mut global_args = vec!["--root".to_string(), root.to_string_lossy().into_owned()];
+        if systemd_cgroup {
+            global_args.push("--systemd-cgroup".into());
+        }
         Self {
             binary,
-            root,
             monitor,
             hidden_mounts,
+            global_args,
         }
     }
 
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("--root").arg(&self.root).kill_on_drop(true);
+        cmd.args(&self.global_args).kill_on_drop(true);
         if !self.hidden_mounts.is_empty() {
             hide_mounts_in_child(cmd.as_std_mut(), &self.hidden_mounts);
         }
@@ -163,11 +169,11 @@ impl OciRuntime {
                 }
             })?;
         let mut cmd = Command::new(&self.monitor);
-        cmd.arg("--runtime")
-            .arg(&self.binary)
-            .arg("--runtime-root")
-            .arg(&self.root)
-            .arg("--id")
+        cmd.arg("--runtime").arg(&self.binary);
+        for arg in &self.global_args {
+            cmd.arg(format!("--runtime-arg={arg}"));
+        }
+        cmd.arg("--id")
             .arg(p.id)
             .arg("--bundle")
             .arg(p.bundle)

@@ -1,9 +1,12 @@
 //! Wiring: open the manager, bind the CRI socket, serve both services until SIGTERM/SIGINT.
 
+use std::path::Path;
+
 use nodekit_proto::cri::v1::image_service_server::ImageServiceServer;
 use nodekit_proto::cri::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::cgroups::CgroupDriver;
 use crate::config::Options;
 use crate::manager::Manager;
 use crate::service::{ImageSvc, RuntimeSvc};
@@ -27,10 +30,19 @@ pub enum ServeError {
     /// Installing signal handlers failed.
     #[error("signal handler: {0}")]
     Signal(#[from] std::io::Error),
+    /// `--cgroup-driver systemd` on a machine whose init is not systemd.
+    #[error("--cgroup-driver systemd needs systemd as init ({SYSTEMD_RUN_DIR} is missing): use --cgroup-driver cgroupfs here")]
+    NoSystemd,
 }
+
+/// Exists while systemd runs as init (`sd_booted(3)`).
+const SYSTEMD_RUN_DIR: &str = "/run/systemd/system";
 
 /// Runs the shim until SIGTERM or SIGINT. Sandboxes and containers keep running.
 pub async fn run(opts: Options) -> Result<(), ServeError> {
+    if opts.cgroup_driver == CgroupDriver::Systemd && !Path::new(SYSTEMD_RUN_DIR).is_dir() {
+        return Err(ServeError::NoSystemd);
+    }
     if opts.pause_image.is_some() {
         tracing::warn!(
             "--pause-image is not supported yet: the nodekit-pause process holds pod namespaces"

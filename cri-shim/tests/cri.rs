@@ -1103,3 +1103,41 @@ async fn seccomp_profiles_filter_syscalls_and_bad_ones_are_invalid() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     assert!(err.message().contains("seccomp"), "{err}");
 }
+
+#[test]
+fn the_systemd_cgroup_driver_needs_systemd_as_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("cri.sock");
+    let mut shim = std::process::Command::new(env!("CARGO_BIN_EXE_nodekit-cri"))
+        .arg("--listen")
+        .arg(&socket)
+        .arg("--root")
+        .arg(dir.path().join("root"))
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .arg("--cni-conf-dir")
+        .arg(dir.path().join("cniconf"))
+        .args(["--cgroup-driver", "systemd"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shim.try_wait().unwrap().is_none() && !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if std::path::Path::new("/run/systemd/system").is_dir() {
+        let serving = socket.exists();
+        let _ = shim.kill();
+        let _ = shim.wait();
+        assert!(serving, "with systemd as init the shim serves");
+        return;
+    }
+    let out = shim.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused to start: {stderr}");
+    assert!(
+        stderr.contains("--cgroup-driver systemd needs systemd as init"),
+        "{stderr}"
+    );
+    assert!(!socket.exists(), "no socket was bound");
+}

@@ -19,7 +19,7 @@ use nodekit_nsutil::mountns::HiddenMount;
 use nodekit_nsutil::NamedNetNs;
 use tokio::sync::OwnedMutexGuard;
 
-use crate::cgroups::Hierarchies;
+use crate::cgroups::{CgroupDriver, Hierarchies};
 use crate::cni::CniExec;
 use crate::config::Options;
 use crate::error::CriError;
@@ -114,6 +114,7 @@ impl Manager {
             opts.state.join("runtime"),
             Options::sibling_binary(&opts.monitor_path, "nodekit-cri-monitor"),
             hidden_mounts(opts.runtime, &cgroups),
+            opts.cgroup_driver == CgroupDriver::Systemd,
         );
         let manager = Arc::new(Self {
             cni: CniExec::new(opts.cni_bin_dir.clone()),
