@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
-use crate::monitor::CreateReport;
+use crate::monitor::{CreateReport, StdioArgs};
 
 /// How long `create` (runtime plus monitor start-up) may take before it is abandoned.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -96,6 +96,10 @@ pub struct CreateParams<'a> {
     pub exit_file: &'a Path,
     /// The container's memory cgroup directory (OOM detection).
     pub memory_cgroup: Option<&'a Path>,
+    /// The attach socket the monitor serves.
+    pub attach_socket: &'a Path,
+    /// The container's stdin and terminal settings.
+    pub stdio: StdioArgs,
 }
 
 impl OciRuntime {
@@ -160,7 +164,18 @@ impl OciRuntime {
             .arg("--bundle")
             .arg(p.bundle)
             .arg("--exit-file")
-            .arg(p.exit_file);
+            .arg(p.exit_file)
+            .arg("--attach-socket")
+            .arg(p.attach_socket);
+        for (on, flag) in [
+            (p.stdio.stdin, "--stdin"),
+            (p.stdio.stdin_once, "--stdin-once"),
+            (p.stdio.tty, "--tty"),
+        ] {
+            if on {
+                cmd.arg(flag);
+            }
+        }
         if let Some(log) = p.log_path {
             cmd.arg("--log-path").arg(log);
         }

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Lab, LabOptions, IMAGE};
+use common::{log_records, Lab, LabOptions, IMAGE};
 use nodekit_proto::cri::v1 as cri;
 use tonic::Code;
 
@@ -77,15 +77,14 @@ async fn version_status_and_runtime_config_report_the_runtime() {
 
     let err = lab
         .runtime
-        .attach(cri::AttachRequest {
+        .checkpoint_container(cri::CheckpointContainerRequest {
             container_id: "x".into(),
-            stdout: true,
             ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("Attach"), "{err}");
+    assert!(err.message().contains("CheckpointContainer"), "{err}");
 }
 
 #[tokio::test]
@@ -230,25 +229,6 @@ async fn pods_get_addresses_and_reach_each_other() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = server;
-}
-
-/// `<RFC3339Nano> <stream> <F|P> <msg>` records of a CRI log file.
-fn log_records(path: &str) -> Vec<(String, String, String)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            let mut it = l.splitn(4, ' ');
-            let ts = it.next().unwrap();
-            assert!(
-                ts.ends_with('Z') && ts.contains('T') && ts.len() == 30,
-                "RFC3339Nano: {ts}"
-            );
-            let stream = it.next().unwrap().to_string();
-            let tag = it.next().unwrap().to_string();
-            (stream, tag, it.next().unwrap_or("").to_string())
-        })
-        .collect()
 }
 
 #[tokio::test]

@@ -270,6 +270,25 @@ impl Lab {
     }
 }
 
+/// `<RFC3339Nano> <stream> <F|P> <msg>` records of a CRI log file.
+pub fn log_records(path: &str) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut it = l.splitn(4, ' ');
+            let ts = it.next().unwrap();
+            assert!(
+                ts.ends_with('Z') && ts.contains('T') && ts.len() == 30,
+                "RFC3339Nano: {ts}"
+            );
+            let stream = it.next().unwrap().to_string();
+            let tag = it.next().unwrap().to_string();
+            (stream, tag, it.next().unwrap_or("").to_string())
+        })
+        .collect()
+}
+
 /// The client side of a `channel.k8s.io` WebSocket session.
 pub struct Channels {
     pub ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
