@@ -310,10 +310,17 @@ async fn exec_sync_returns_output_and_exit_code_and_honours_its_timeout() {
         "timeout took {:?}",
         started.elapsed()
     );
-    let ps = lab.exec(&c, &["ps"], 10).await.unwrap();
+    // Killed and reaped by `runc exec`: only init is a `sleep`. (Killing `runc exec` first
+    // left a zombie parented outside the container's PID namespace, and the container's
+    // init, once killed, waited for it to be reaped: StopPodSandbox took ~1.3 s, not 0.1 s.)
+    let ps = lab
+        .exec(&c, &["sh", "-c", "cat /proc/[0-9]*/stat"], 10)
+        .await
+        .unwrap();
+    let stats = String::from_utf8_lossy(&ps.stdout);
     assert!(
-        !String::from_utf8_lossy(&ps.stdout).contains("sleep 30"),
-        "timed-out process killed: {ps:?}"
+        stats.matches("(sleep)").count() == 1,
+        "timed-out process killed and reaped: {stats}"
     );
 
     let stats = lab
