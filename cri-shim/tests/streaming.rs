@@ -43,14 +43,15 @@ fn exec_request(id: &str, cmd: &[&str], stdin: bool, tty: bool) -> cri::ExecRequ
 }
 
 async fn exec_url(lab: &mut Lab, req: cri::ExecRequest) -> String {
-    let url = lab
-        .runtime
-        .exec(req)
-        .await
-        .unwrap_or_else(|e| panic!("Exec: {e}\n{}", lab.shim_log()))
-        .into_inner()
-        .url;
+    let answer = lab.runtime.exec(req).await.map(|r| r.into_inner().url);
+    streaming_url(lab, "exec", answer)
+}
+
+/// The URL of an Exec or Attach (`kind`) answer, on the shim's loopback streaming server.
+fn streaming_url(lab: &Lab, kind: &str, answer: Result<String, tonic::Status>) -> String {
+    let url = answer.unwrap_or_else(|e| panic!("{kind}: {e}\n{}", lab.shim_log()));
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    assert!(url.contains(&format!("/{kind}/")), "{url}");
     url
 }
 
@@ -134,22 +135,10 @@ async fn exec_with_tty_has_a_terminal_that_echoes_and_resizes() {
         .await
         .unwrap();
     ch.send(RESIZE, br#"{"Width":100,"Height":30}"#).await;
-    let mut out = String::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
     // Resizes travel apart from input: ask until the new size shows.
-    while !out.contains("30 100") {
-        assert!(Instant::now() < deadline, "terminal never resized: {out:?}");
-        ch.send(STDIN, b"hi\r").await;
-        let wait = Instant::now() + Duration::from_millis(300);
-        while Instant::now() < wait {
-            match tokio::time::timeout(Duration::from_millis(100), ch.next()).await {
-                Ok(Some((STDOUT, data))) => out.push_str(&String::from_utf8_lossy(&data)),
-                Ok(Some((channel, data))) => panic!("unexpected channel {channel}: {data:?}"),
-                Ok(None) => panic!("session closed early: {out:?}"),
-                Err(_) => {}
-            }
-        }
-    }
+    let got = read_until(&mut ch, STDOUT, "30 100", Some(b"hi\r")).await;
+    assert_eq!(got.keys().collect::<Vec<_>>(), [&STDOUT], "{got:?}");
+    let out = &got[&STDOUT];
     assert!(out.contains("/dev/pts/"), "tty output: {out:?}");
     // The terminal echoes input and turns the typed \r into a line.
     assert!(out.contains("hi\r\n"), "no echo: {out:?}");
@@ -502,24 +491,7 @@ async fn run_interactive(
     config.stdin = stdin;
     config.stdin_once = stdin_once;
     config.tty = tty;
-    let id = lab
-        .runtime
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(config),
-            sandbox_config: Some(lab.sandbox_config(pod_name)),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", lab.shim_log()))
-        .into_inner()
-        .container_id;
-    lab.runtime
-        .start_container(cri::StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", lab.shim_log()));
-    id
+    lab.run_container_with(pod, pod_name, config).await
 }
 
 fn attach_request(id: &str, stdin: bool, tty: bool) -> cri::AttachRequest {
@@ -533,18 +505,25 @@ fn attach_request(id: &str, stdin: bool, tty: bool) -> cri::AttachRequest {
 }
 
 async fn attach_url(lab: &mut Lab, req: cri::AttachRequest) -> String {
-    let url = lab
-        .runtime
-        .attach(req)
-        .await
-        .unwrap_or_else(|e| panic!("Attach: {e}\n{}", lab.shim_log()))
-        .into_inner()
-        .url;
-    assert!(
-        url.starts_with("http://127.0.0.1:") && url.contains("/attach/"),
-        "{url}"
+    let answer = lab.runtime.attach(req).await.map(|r| r.into_inner().url);
+    streaming_url(lab, "attach", answer)
+}
+
+/// An Attach session for `req` over the WebSocket subprotocol `protocol`.
+async fn attach(lab: &mut Lab, req: cri::AttachRequest, protocol: &str) -> common::Channels {
+    let url = attach_url(lab, req).await;
+    lab.stream_connect(&url, &[protocol]).await.unwrap()
+}
+
+/// Asserts the container is still running a moment after a session ended (its stdin open).
+async fn assert_still_running(lab: &mut Lab, id: &str) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = lab.container_status(id).await;
+    assert_eq!(
+        s.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{s:?}"
     );
-    url
 }
 
 /// Reads the session's output (by channel) until `channel` holds `want`; sends `nudge` on
@@ -624,11 +603,12 @@ async fn attach_relays_stdin_stdout_and_stderr_of_a_shell_and_output_is_logged()
     )
     .await;
 
-    let url = attach_url(&mut lab, attach_request(&id, true, false)).await;
-    let mut ch = lab
-        .stream_connect(&url, &["v5.channel.k8s.io"])
-        .await
-        .unwrap();
+    let mut ch = attach(
+        &mut lab,
+        attach_request(&id, true, false),
+        "v5.channel.k8s.io",
+    )
+    .await;
     ch.send(STDIN, b"echo hello; echo oops >&2\n").await;
     let got = read_until(&mut ch, STDOUT, "hello\n", None).await;
     let got = read_more(&mut ch, got, STDERR, "oops\n", None).await;
@@ -640,26 +620,22 @@ async fn attach_relays_stdin_stdout_and_stderr_of_a_shell_and_output_is_logged()
     // and a later session carries on with it.
     ch.send(CLOSE, &[STDIN]).await;
     drop(ch);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let s = lab.container_status(&id).await;
-    assert_eq!(
-        s.state,
-        cri::ContainerState::ContainerRunning as i32,
-        "{s:?}"
-    );
-    let url = attach_url(&mut lab, attach_request(&id, true, false)).await;
-    let mut ch = lab
-        .stream_connect(&url, &["v4.base64.channel.k8s.io"])
-        .await
-        .unwrap();
+    assert_still_running(&mut lab, &id).await;
+    let mut ch = attach(
+        &mut lab,
+        attach_request(&id, true, false),
+        "v4.base64.channel.k8s.io",
+    )
+    .await;
     read_until(&mut ch, STDOUT, "again", Some(b"echo again\n")).await;
 
     // Output reaches every attached session; one without stdin only watches.
-    let url = attach_url(&mut lab, attach_request(&id, false, false)).await;
-    let mut watcher = lab
-        .stream_connect(&url, &["v4.channel.k8s.io"])
-        .await
-        .unwrap();
+    let mut watcher = attach(
+        &mut lab,
+        attach_request(&id, false, false),
+        "v4.channel.k8s.io",
+    )
+    .await;
     let watched = tokio::spawn(async move {
         read_until(&mut watcher, STDOUT, "both", None).await;
     });
@@ -679,11 +655,12 @@ async fn attach_to_a_tty_container_shows_its_terminal_and_resizes_it() {
     lab.pull().await;
     let pod = lab.run_pod("attty").await;
     let id = run_interactive(&mut lab, &pod, "attty", "sh", &["sh"], (true, false, true)).await;
-    let url = attach_url(&mut lab, attach_request(&id, true, true)).await;
-    let mut ch = lab
-        .stream_connect(&url, &["v5.channel.k8s.io"])
-        .await
-        .unwrap();
+    let mut ch = attach(
+        &mut lab,
+        attach_request(&id, true, true),
+        "v5.channel.k8s.io",
+    )
+    .await;
     ch.send(STDIN, b"tty\r").await;
     read_until(&mut ch, STDOUT, "/dev/pts/", None).await;
     ch.send(RESIZE, br#"{"Width":100,"Height":30}"#).await;
@@ -717,25 +694,22 @@ async fn stdin_once_closes_stdin_when_the_first_session_with_stdin_ends() {
     .await;
 
     // A session without stdin does not count.
-    let url = attach_url(&mut lab, attach_request(&id, false, false)).await;
     drop(
-        lab.stream_connect(&url, &["v5.channel.k8s.io"])
-            .await
-            .unwrap(),
+        attach(
+            &mut lab,
+            attach_request(&id, false, false),
+            "v5.channel.k8s.io",
+        )
+        .await,
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let s = lab.container_status(&id).await;
-    assert_eq!(
-        s.state,
-        cri::ContainerState::ContainerRunning as i32,
-        "{s:?}"
-    );
+    assert_still_running(&mut lab, &id).await;
 
-    let url = attach_url(&mut lab, attach_request(&id, true, false)).await;
-    let mut ch = lab
-        .stream_connect(&url, &["v5.channel.k8s.io"])
-        .await
-        .unwrap();
+    let mut ch = attach(
+        &mut lab,
+        attach_request(&id, true, false),
+        "v5.channel.k8s.io",
+    )
+    .await;
     ch.send(STDIN, b"abc\n").await;
     read_until(&mut ch, STDOUT, "abc\n", None).await;
     ch.send(CLOSE, &[STDIN]).await;
@@ -808,11 +782,12 @@ async fn attach_works_after_a_shim_restart() {
     .await;
     lab.kill_shim();
     lab.start_shim().await;
-    let url = attach_url(&mut lab, attach_request(&id, true, false)).await;
-    let mut ch = lab
-        .stream_connect(&url, &["v5.channel.k8s.io"])
-        .await
-        .unwrap();
+    let mut ch = attach(
+        &mut lab,
+        attach_request(&id, true, false),
+        "v5.channel.k8s.io",
+    )
+    .await;
     read_until(&mut ch, STDOUT, "survived", Some(b"echo survived\n")).await;
     wait_logged(&mut lab, &id, "stdout", "survived").await;
 }

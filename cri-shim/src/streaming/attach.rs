@@ -30,15 +30,9 @@ pub async fn run(socket: &Path, streams: Streams) -> Outcome {
 }
 
 async fn relay(socket: &Path, streams: Streams) -> io::Result<()> {
-    let Streams {
-        stdin,
-        stdout,
-        stderr,
-        resize,
-        mut client_gone,
-    } = streams;
     let conn = Arc::new(attach_socket::connect(socket)?);
-    let input = tokio::spawn(send_input(conn.clone(), stdin, resize));
+    let input = tokio::spawn(send_input(conn.clone(), streams.stdin, streams.resize));
+    let (stdout, stderr, mut client_gone) = (streams.stdout, streams.stderr, streams.client_gone);
     let output = async {
         let mut packet = vec![0u8; MAX_PACKET];
         loop {

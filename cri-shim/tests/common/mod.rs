@@ -161,7 +161,18 @@ impl Lab {
         name: &str,
         command: &[&str],
     ) -> String {
-        let id = self.create_container(pod, pod_name, name, command).await;
+        let config = self.container_config(name, command);
+        self.run_container_with(pod, pod_name, config).await
+    }
+
+    /// Creates and starts a container from `config`; returns its ID.
+    pub async fn run_container_with(
+        &mut self,
+        pod: &str,
+        pod_name: &str,
+        config: cri::ContainerConfig,
+    ) -> String {
+        let id = self.create_container_with(pod, pod_name, config).await;
         self.runtime
             .start_container(cri::StartContainerRequest {
                 container_id: id.clone(),
@@ -178,9 +189,19 @@ impl Lab {
         name: &str,
         command: &[&str],
     ) -> String {
+        let config = self.container_config(name, command);
+        self.create_container_with(pod, pod_name, config).await
+    }
+
+    pub async fn create_container_with(
+        &mut self,
+        pod: &str,
+        pod_name: &str,
+        config: cri::ContainerConfig,
+    ) -> String {
         let req = cri::CreateContainerRequest {
             pod_sandbox_id: pod.into(),
-            config: Some(self.container_config(name, command)),
+            config: Some(config),
             sandbox_config: Some(self.sandbox_config(pod_name)),
         };
         self.runtime
