@@ -53,6 +53,12 @@ pub enum CriError {
         /// What could not be done.
         why: &'static str,
     },
+    /// Attach asked for stdin of a container created without it (as containerd answers).
+    #[error("container {id} was created without stdin: attach cannot send it input")]
+    StdinNotEnabled {
+        /// The container.
+        id: String,
+    },
     /// The streaming server refused to park the request.
     #[error(transparent)]
     Streaming(#[from] StreamingError),
@@ -142,7 +148,9 @@ impl From<CriError> for Status {
             }
             CriError::Image(ImageError::Unauthorized { .. }) => Code::PermissionDenied,
             CriError::NameReserved { .. } => Code::AlreadyExists,
-            CriError::WrongState { .. } | CriError::NetworkNotReady(_) => Code::FailedPrecondition,
+            CriError::WrongState { .. }
+            | CriError::StdinNotEnabled { .. }
+            | CriError::NetworkNotReady(_) => Code::FailedPrecondition,
             CriError::Unimplemented(_) => Code::Unimplemented,
             CriError::Streaming(StreamingError::TooManyInFlight(_)) => Code::ResourceExhausted,
             CriError::Runtime(RuntimeError::Timeout(_)) => Code::DeadlineExceeded,

@@ -4,6 +4,7 @@
 //! records the exit status, images are pulled from OCI registries into a content-addressed
 //! store and mounted with overlayfs. All state lives in files so a restarted shim carries on.
 
+pub mod attach_socket;
 pub mod cgroups;
 pub mod cni;
 pub mod config;

@@ -10,10 +10,16 @@ use nodekit_nsutil::mountns::{hide_mounts_in_child, HiddenMount};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
-use crate::monitor::CreateReport;
+use crate::monitor::{CreateReport, StdioArgs};
 
 /// How long `create` (runtime plus monitor start-up) may take before it is abandoned.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long [`kill_exec`] waits for `runc exec` after each SIGKILL to its command.
+const EXEC_KILL_WAIT: Duration = Duration::from_millis(100);
+
+/// How many SIGKILL rounds [`kill_exec`] tries before killing `runc exec` itself.
+const EXEC_KILL_TRIES: u32 = 50;
 
 /// Most bytes ExecSync keeps of each stream (the kubelet's own cap is 16 MiB).
 pub const MAX_EXEC_OUTPUT: usize = 16 << 20;
@@ -98,6 +104,10 @@ pub struct CreateParams<'a> {
     pub exit_file: &'a Path,
     /// The container's memory cgroup directory (OOM detection).
     pub memory_cgroup: Option<&'a Path>,
+    /// The attach socket the monitor serves.
+    pub attach_socket: &'a Path,
+    /// The container's stdin and terminal settings.
+    pub stdio: StdioArgs,
 }
 
 impl OciRuntime {
@@ -178,7 +188,18 @@ impl OciRuntime {
             .arg("--bundle")
             .arg(p.bundle)
             .arg("--exit-file")
-            .arg(p.exit_file);
+            .arg(p.exit_file)
+            .arg("--attach-socket")
+            .arg(p.attach_socket);
+        for (on, flag) in [
+            (p.stdio.stdin, "--stdin"),
+            (p.stdio.stdin_once, "--stdin-once"),
+            (p.stdio.tty, "--tty"),
+        ] {
+            if on {
+                cmd.arg(flag);
+            }
+        }
         if let Some(log) = p.log_path {
             cmd.arg("--log-path").arg(log);
         }
@@ -302,7 +323,8 @@ impl OciRuntime {
             Some(t) => match tokio::time::timeout(t, collect).await {
                 Ok(done) => done,
                 Err(_) => {
-                    kill_pid_file(pid_file);
+                    let _ = kill_exec(&mut child, pid_file).await;
+                    let _ = std::fs::remove_file(pid_file);
                     return Err(RuntimeError::Timeout(t));
                 }
             },
@@ -364,8 +386,28 @@ pub fn exit_code(status: std::process::ExitStatus) -> i32 {
     }
 }
 
+/// Ends an exec: SIGKILL to its command (PID in `pid_file`) until `runc exec` (`child`)
+/// exits, having reaped it. Killing `runc exec` first would orphan the command to a reaper
+/// outside the container's PID namespace; its zombie then holds up the exit of the
+/// container's init (the kernel waits until every task of the namespace is reaped), so the
+/// next stop took a second longer. A runtime that never wrote the PID is killed itself
+/// after [`EXEC_KILL_TRIES`] rounds.
+pub async fn kill_exec(
+    child: &mut tokio::process::Child,
+    pid_file: &Path,
+) -> std::io::Result<std::process::ExitStatus> {
+    for _ in 0..EXEC_KILL_TRIES {
+        kill_pid_file(pid_file);
+        if let Ok(status) = tokio::time::timeout(EXEC_KILL_WAIT, child.wait()).await {
+            return status;
+        }
+    }
+    child.kill().await?;
+    child.wait().await
+}
+
 /// Sends SIGKILL to the process whose PID is in `pid_file` (an exec's), if it is there.
-pub fn kill_pid_file(pid_file: &Path) {
+fn kill_pid_file(pid_file: &Path) {
     if let Some(pid) = std::fs::read_to_string(pid_file)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())

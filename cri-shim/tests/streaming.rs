@@ -1,5 +1,6 @@
-//! End-to-end tests of the streaming server: Exec and PortForward URLs from the CRI socket,
-//! opened as `channel.k8s.io` WebSockets the way a kubelet's proxy opens them.
+//! End-to-end tests of the streaming server: Exec, Attach and PortForward URLs from the CRI
+//! socket, opened as `channel.k8s.io` WebSockets the way a kubelet's proxy opens them, and
+//! by the real kubectl through a stand-in API server.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -7,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Lab, LabOptions};
+use common::{log_records, Lab, LabOptions};
 use nodekit_proto::cri::v1 as cri;
 use tokio_tungstenite::tungstenite;
 use tonic::Code;
@@ -42,14 +43,15 @@ fn exec_request(id: &str, cmd: &[&str], stdin: bool, tty: bool) -> cri::ExecRequ
 }
 
 async fn exec_url(lab: &mut Lab, req: cri::ExecRequest) -> String {
-    let url = lab
-        .runtime
-        .exec(req)
-        .await
-        .unwrap_or_else(|e| panic!("Exec: {e}\n{}", lab.shim_log()))
-        .into_inner()
-        .url;
+    let answer = lab.runtime.exec(req).await.map(|r| r.into_inner().url);
+    streaming_url(lab, "exec", answer)
+}
+
+/// The URL of an Exec or Attach (`kind`) answer, on the shim's loopback streaming server.
+fn streaming_url(lab: &Lab, kind: &str, answer: Result<String, tonic::Status>) -> String {
+    let url = answer.unwrap_or_else(|e| panic!("{kind}: {e}\n{}", lab.shim_log()));
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    assert!(url.contains(&format!("/{kind}/")), "{url}");
     url
 }
 
@@ -133,22 +135,10 @@ async fn exec_with_tty_has_a_terminal_that_echoes_and_resizes() {
         .await
         .unwrap();
     ch.send(RESIZE, br#"{"Width":100,"Height":30}"#).await;
-    let mut out = String::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
     // Resizes travel apart from input: ask until the new size shows.
-    while !out.contains("30 100") {
-        assert!(Instant::now() < deadline, "terminal never resized: {out:?}");
-        ch.send(STDIN, b"hi\r").await;
-        let wait = Instant::now() + Duration::from_millis(300);
-        while Instant::now() < wait {
-            match tokio::time::timeout(Duration::from_millis(100), ch.next()).await {
-                Ok(Some((STDOUT, data))) => out.push_str(&String::from_utf8_lossy(&data)),
-                Ok(Some((channel, data))) => panic!("unexpected channel {channel}: {data:?}"),
-                Ok(None) => panic!("session closed early: {out:?}"),
-                Err(_) => {}
-            }
-        }
-    }
+    let got = read_until(&mut ch, STDOUT, "30 100", Some(b"hi\r")).await;
+    assert_eq!(got.keys().collect::<Vec<_>>(), [&STDOUT], "{got:?}");
+    let out = &got[&STDOUT];
     assert!(out.contains("/dev/pts/"), "tty output: {out:?}");
     // The terminal echoes input and turns the typed \r into a line.
     assert!(out.contains("hi\r\n"), "no echo: {out:?}");
@@ -486,4 +476,354 @@ async fn kubectl_port_forward_reaches_the_pod_over_spdy() {
     };
     assert!(reply.starts_with("HTTP/1."), "{reply}");
     let _ = child.kill().await;
+}
+
+/// Creates and starts a container with the given stdin and terminal settings.
+async fn run_interactive(
+    lab: &mut Lab,
+    pod: &str,
+    pod_name: &str,
+    name: &str,
+    command: &[&str],
+    (stdin, stdin_once, tty): (bool, bool, bool),
+) -> String {
+    let mut config = lab.container_config(name, command);
+    config.stdin = stdin;
+    config.stdin_once = stdin_once;
+    config.tty = tty;
+    lab.run_container_with(pod, pod_name, config).await
+}
+
+fn attach_request(id: &str, stdin: bool, tty: bool) -> cri::AttachRequest {
+    cri::AttachRequest {
+        container_id: id.into(),
+        stdin,
+        tty,
+        stdout: true,
+        stderr: !tty,
+    }
+}
+
+async fn attach_url(lab: &mut Lab, req: cri::AttachRequest) -> String {
+    let answer = lab.runtime.attach(req).await.map(|r| r.into_inner().url);
+    streaming_url(lab, "attach", answer)
+}
+
+/// An Attach session for `req` over the WebSocket subprotocol `protocol`.
+async fn attach(lab: &mut Lab, req: cri::AttachRequest, protocol: &str) -> common::Channels {
+    let url = attach_url(lab, req).await;
+    lab.stream_connect(&url, &[protocol]).await.unwrap()
+}
+
+/// Asserts the container is still running a moment after a session ended (its stdin open).
+async fn assert_still_running(lab: &mut Lab, id: &str) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = lab.container_status(id).await;
+    assert_eq!(
+        s.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{s:?}"
+    );
+}
+
+/// Reads the session's output (by channel) until `channel` holds `want`; sends `nudge` on
+/// stdin every 300 ms meanwhile when given (a shell may not be reading yet).
+async fn read_until(
+    ch: &mut common::Channels,
+    channel: u8,
+    want: &str,
+    nudge: Option<&[u8]>,
+) -> BTreeMap<u8, String> {
+    read_more(ch, BTreeMap::new(), channel, want, nudge).await
+}
+
+/// [`read_until`], adding to what `got` holds already.
+async fn read_more(
+    ch: &mut common::Channels,
+    mut got: BTreeMap<u8, String>,
+    channel: u8,
+    want: &str,
+    nudge: Option<&[u8]>,
+) -> BTreeMap<u8, String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if got.get(&channel).is_some_and(|t| t.contains(want)) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {want:?} on channel {channel}: {got:?}"
+        );
+        if let Some(input) = nudge {
+            ch.send(STDIN, input).await;
+        }
+        let wait = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < wait {
+            match tokio::time::timeout(Duration::from_millis(100), ch.next()).await {
+                Ok(Some((c, data))) => got
+                    .entry(c)
+                    .or_default()
+                    .push_str(&String::from_utf8_lossy(&data)),
+                Ok(None) => panic!("session closed early: {got:?}"),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Waits until the container's CRI log has a record of `stream` containing `want`.
+async fn wait_logged(lab: &mut Lab, id: &str, stream: &str, want: &str) {
+    let path = lab.container_status(id).await.log_path;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log_records(&path)
+        .iter()
+        .any(|(s, _, m)| s == stream && m.contains(want))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no {stream} record with {want:?} in {path}: {:?}",
+            log_records(&path)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn attach_relays_stdin_stdout_and_stderr_of_a_shell_and_output_is_logged() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("attach").await;
+    let id = run_interactive(
+        &mut lab,
+        &pod,
+        "attach",
+        "sh",
+        &["sh"],
+        (true, false, false),
+    )
+    .await;
+
+    let mut ch = attach(
+        &mut lab,
+        attach_request(&id, true, false),
+        "v5.channel.k8s.io",
+    )
+    .await;
+    ch.send(STDIN, b"echo hello; echo oops >&2\n").await;
+    let got = read_until(&mut ch, STDOUT, "hello\n", None).await;
+    let got = read_more(&mut ch, got, STDERR, "oops\n", None).await;
+    assert_eq!(got.get(&ERROR), None, "{got:?}");
+    wait_logged(&mut lab, &id, "stdout", "hello").await;
+    wait_logged(&mut lab, &id, "stderr", "oops").await;
+
+    // The client leaves (closing its stdin): without stdin_once the shell keeps its stdin
+    // and a later session carries on with it.
+    ch.send(CLOSE, &[STDIN]).await;
+    drop(ch);
+    assert_still_running(&mut lab, &id).await;
+    let mut ch = attach(
+        &mut lab,
+        attach_request(&id, true, false),
+        "v4.base64.channel.k8s.io",
+    )
+    .await;
+    read_until(&mut ch, STDOUT, "again", Some(b"echo again\n")).await;
+
+    // Output reaches every attached session; one without stdin only watches.
+    let mut watcher = attach(
+        &mut lab,
+        attach_request(&id, false, false),
+        "v4.channel.k8s.io",
+    )
+    .await;
+    let watched = tokio::spawn(async move {
+        read_until(&mut watcher, STDOUT, "both", None).await;
+    });
+    read_until(&mut ch, STDOUT, "both", Some(b"echo both\n")).await;
+    watched.await.unwrap();
+
+    // The shell exits: the session ends with a success status.
+    ch.send(STDIN, b"exit 4\n").await;
+    let all = ch.collect().await;
+    assert_eq!(status(&all)["status"], "Success", "{all:?}");
+    assert_eq!(lab.wait_exited(&id).await.exit_code, 4);
+}
+
+#[tokio::test]
+async fn attach_to_a_tty_container_shows_its_terminal_and_resizes_it() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("attty").await;
+    let id = run_interactive(&mut lab, &pod, "attty", "sh", &["sh"], (true, false, true)).await;
+    let mut ch = attach(
+        &mut lab,
+        attach_request(&id, true, true),
+        "v5.channel.k8s.io",
+    )
+    .await;
+    ch.send(STDIN, b"tty\r").await;
+    read_until(&mut ch, STDOUT, "/dev/pts/", None).await;
+    ch.send(RESIZE, br#"{"Width":100,"Height":30}"#).await;
+    let got = read_until(&mut ch, STDOUT, "30 100", Some(b"stty size\r")).await;
+    assert!(
+        !got.contains_key(&STDERR),
+        "a terminal has no stderr: {got:?}"
+    );
+    // The terminal's output is logged as stdout records.
+    wait_logged(&mut lab, &id, "stdout", "30 100").await;
+    ch.send(STDIN, b"exit\r").await;
+    let all = ch.collect().await;
+    assert_eq!(status(&all)["status"], "Success", "{all:?}");
+    lab.wait_exited(&id).await;
+}
+
+#[tokio::test]
+async fn stdin_once_closes_stdin_when_the_first_session_with_stdin_ends() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("once").await;
+    let script = "cat; echo stdin closed";
+    let id = run_interactive(
+        &mut lab,
+        &pod,
+        "once",
+        "cat",
+        &["sh", "-c", script],
+        (true, true, false),
+    )
+    .await;
+
+    // A session without stdin does not count.
+    drop(
+        attach(
+            &mut lab,
+            attach_request(&id, false, false),
+            "v5.channel.k8s.io",
+        )
+        .await,
+    );
+    assert_still_running(&mut lab, &id).await;
+
+    let mut ch = attach(
+        &mut lab,
+        attach_request(&id, true, false),
+        "v5.channel.k8s.io",
+    )
+    .await;
+    ch.send(STDIN, b"abc\n").await;
+    read_until(&mut ch, STDOUT, "abc\n", None).await;
+    ch.send(CLOSE, &[STDIN]).await;
+    let all = ch.collect().await;
+    assert_eq!(text(&all, STDOUT), "stdin closed\n", "{all:?}");
+    assert_eq!(status(&all)["status"], "Success", "{all:?}");
+    assert_eq!(lab.wait_exited(&id).await.exit_code, 0);
+}
+
+#[tokio::test]
+async fn attach_requests_are_validated_with_the_contracts_codes() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("atterr").await;
+    let plain = lab
+        .run_container(&pod, "atterr", "plain", &["sleep", "3600"])
+        .await;
+    let exited = lab.run_container(&pod, "atterr", "done", &["true"]).await;
+    lab.wait_exited(&exited).await;
+    let mut tty_stderr = attach_request(&plain, false, true);
+    tty_stderr.stderr = true;
+    let mut no_streams = attach_request(&plain, false, false);
+    no_streams.stdout = false;
+    no_streams.stderr = false;
+    for (req, code, names) in [
+        (
+            attach_request("", false, false),
+            Code::InvalidArgument,
+            "container_id",
+        ),
+        (tty_stderr, Code::InvalidArgument, "stderr"),
+        (no_streams, Code::InvalidArgument, "stdin"),
+        (attach_request("nope", false, false), Code::NotFound, "nope"),
+        (
+            attach_request(&exited, false, false),
+            Code::FailedPrecondition,
+            "exited",
+        ),
+        (
+            attach_request(&plain, true, false),
+            Code::FailedPrecondition,
+            "without stdin",
+        ),
+    ] {
+        let err = lab.runtime.attach(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), code, "{req:?}: {err}");
+        assert!(err.message().contains(names), "{req:?}: {err}");
+    }
+    // Output only, from a container without stdin: fine. The token is for /attach/ only.
+    let url = attach_url(&mut lab, attach_request(&plain, false, false)).await;
+    let err = lab
+        .stream_connect(&url.replace("/attach/", "/exec/"), &["v4.channel.k8s.io"])
+        .await;
+    assert!(err.is_err(), "an attach token opened an exec");
+}
+
+#[tokio::test]
+async fn attach_works_after_a_shim_restart() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("attrestart").await;
+    let id = run_interactive(
+        &mut lab,
+        &pod,
+        "attrestart",
+        "sh",
+        &["sh"],
+        (true, false, false),
+    )
+    .await;
+    lab.kill_shim();
+    lab.start_shim().await;
+    let mut ch = attach(
+        &mut lab,
+        attach_request(&id, true, false),
+        "v5.channel.k8s.io",
+    )
+    .await;
+    read_until(&mut ch, STDOUT, "survived", Some(b"echo survived\n")).await;
+    wait_logged(&mut lab, &id, "stdout", "survived").await;
+}
+
+#[tokio::test]
+async fn kubectl_attach_works_over_websocket_and_spdy() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("katt").await;
+    // kubectl speaks WebSocket v5 by default, SPDY/3.1 when told.
+    for (name, env) in [
+        ("ws", &[][..]),
+        (
+            "spdy",
+            &[("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")][..],
+        ),
+    ] {
+        let id = run_interactive(&mut lab, &pod, "katt", name, &["sh"], (true, true, false)).await;
+        let api = common::apiserver::ApiServer::start(
+            lab.node.path().to_path_buf(),
+            lab.runtime.clone(),
+            &pod,
+            &id,
+            name,
+        );
+        // kubectl's input ends after the script: stdin_once closes the shell's stdin.
+        let args = ["attach", "-i", common::apiserver::POD, "-c", name];
+        let out = kubectl(&lab, &api, env, &args, b"echo from $0\necho err >&2\n").await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stdout.contains("from sh\n") && stderr.contains("err\n"),
+            "{name}: {:?} stdout {stdout:?} stderr {stderr:?}\n{}",
+            out.status,
+            lab.shim_log()
+        );
+        assert_eq!(lab.wait_exited(&id).await.exit_code, 0, "{name}");
+    }
 }

@@ -15,7 +15,7 @@ use nodekit_proto::cri::v1::{
 use super::records::{ContainerPhase, ContainerRecord, Pb, SandboxPhase};
 use super::{lock, mount_err, now_ns, unmount, Manager};
 use crate::error::CriError;
-use crate::monitor::ExitRecord;
+use crate::monitor::{ExitRecord, StdioArgs};
 use crate::oci::spec::{self, SandboxFiles, SpecInput};
 use crate::oci::user;
 use crate::runtime::{CreateParams, ExecOutput, RuntimeError};
@@ -58,6 +58,12 @@ fn mkdirs(path: &Path) -> Result<(), CriError> {
 impl Manager {
     fn exit_file(&self, id: &str) -> PathBuf {
         self.container_state_dir(id).join("exit.json")
+    }
+
+    /// The socket on which the container's monitor serves attach sessions.
+    pub fn attach_socket(&self, id: &str) -> PathBuf {
+        self.container_state_dir(id)
+            .join(crate::attach_socket::SOCKET_NAME)
     }
 
     fn bundle(&self, id: &str) -> PathBuf {
@@ -322,6 +328,12 @@ impl Manager {
                 log_path: rec.log_path.as_deref(),
                 exit_file: &self.exit_file(&rec.id),
                 memory_cgroup: memory_cgroup.as_deref(),
+                attach_socket: &self.attach_socket(&rec.id),
+                stdio: StdioArgs {
+                    stdin: config.stdin,
+                    stdin_once: config.stdin_once,
+                    tty: config.tty,
+                },
             })
             .await?;
         rec.pid = pid;

@@ -581,7 +581,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
         user = user.additional_gids(input.user.additional_gids.clone());
     }
     let mut process = ProcessBuilder::default()
-        .terminal(false)
+        .terminal(input.config.tty)
         .args(args)
         .env(process_env(input.config, input.image))
         .cwd(cwd)
@@ -860,6 +860,24 @@ mod tests {
             .iter()
             .map(|n| (n.typ().to_string(), n.path().clone()))
             .collect()
+    }
+
+    #[test]
+    fn terminal_follows_the_tty_request() {
+        let f = fixture();
+        let img = image(&[], &["sh"]);
+        let mut c = config(&[], &[]);
+        let terminal = |c: &ContainerConfig| {
+            build(&input(&f, c, &img))
+                .unwrap()
+                .process()
+                .as_ref()
+                .unwrap()
+                .terminal()
+        };
+        assert_eq!(terminal(&c), Some(false));
+        c.tty = true;
+        assert_eq!(terminal(&c), Some(true));
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub use image::ImageSvc;
 /// The CRI API version this runtime speaks.
 pub const RUNTIME_API_VERSION: &str = "v1";
 
-/// RuntimeService: the manager, and the streaming server that serves Exec and PortForward.
+/// RuntimeService: the manager, and the streaming server that serves Exec, Attach and
+/// PortForward.
 #[derive(Debug, Clone)]
 pub struct RuntimeSvc(pub Arc<Manager>, pub Arc<StreamingServer>);
 
@@ -308,8 +309,21 @@ impl RuntimeService for RuntimeSvc {
         .await
     }
 
-    async fn attach(&self, _r: Request<cri::AttachRequest>) -> Reply<cri::AttachResponse> {
-        unimplemented("Attach (the monitor keeps the container's stdio to itself)")
+    async fn attach(&self, r: Request<cri::AttachRequest>) -> Reply<cri::AttachResponse> {
+        let r = r.into_inner();
+        rpc("Attach", async {
+            CriError::non_empty(&r.container_id, "container_id")?;
+            check_stdio(r.stdin, r.stdout, r.stderr, r.tty)?;
+            let rec = self
+                .0
+                .running_container(&r.container_id, "attach needs a running container")?;
+            if r.stdin && !rec.config.0.stdin {
+                return Err(CriError::StdinNotEnabled { id: rec.id });
+            }
+            let url = self.1.url(StreamRequest::Attach(r))?;
+            Ok(cri::AttachResponse { url })
+        })
+        .await
     }
 
     async fn port_forward(

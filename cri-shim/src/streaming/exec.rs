@@ -122,12 +122,7 @@ async fn run_command(
         status = child.wait() => status?,
         _ = &mut client_gone => {
             tracing::info!(container_id = %id, "exec client went away, killing the command");
-            loop {
-                runtime::kill_pid_file(pid_file);
-                if let Ok(status) = tokio::time::timeout(Duration::from_millis(100), child.wait()).await {
-                    break status?;
-                }
-            }
+            runtime::kill_exec(&mut child, pid_file).await?
         }
     };
     let drained = tokio::time::timeout(DRAIN_AFTER_EXIT, async {

@@ -20,7 +20,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::channel::{self, Protocol};
 use super::websocket::{self, StdioFlags};
-use super::{exec, portforward, spdy, StreamRequest, StreamingServer};
+use super::{attach, exec, portforward, spdy, StreamRequest, StreamingServer};
 use crate::streaming::streams::Outcome;
 
 /// The header naming the stream protocols of a SPDY upgrade.
@@ -194,6 +194,25 @@ fn spawn_session(req: &mut Request<Incoming>, session: Session, transport: Trans
     });
 }
 
+/// Serves an Exec or Attach session (`run` gets its streams) over the negotiated transport.
+async fn serve_remote_command<F, Fut>(
+    io: TokioIo<Upgraded>,
+    transport: Transport,
+    flags: StdioFlags,
+    run: F,
+) where
+    F: FnOnce(super::streams::Streams) -> Fut,
+    Fut: std::future::Future<Output = Outcome>,
+{
+    match transport {
+        Transport::WebSocket(protocol) => {
+            let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+            websocket::serve_remote_command(ws, protocol, flags, run).await;
+        }
+        Transport::Spdy => spdy::serve_remote_command(io, flags, run).await,
+    }
+}
+
 /// Whether the request asks to upgrade to `protocol` (case-insensitive, `Connection: upgrade`).
 fn upgrade_is(headers: &HeaderMap, protocol: &str) -> bool {
     let has = |name: header::HeaderName, token: &str| {
@@ -217,6 +236,10 @@ enum Session {
         server: Arc<StreamingServer>,
         request: nodekit_proto::cri::v1::ExecRequest,
     },
+    Attach {
+        socket: std::path::PathBuf,
+        flags: StdioFlags,
+    },
     PortForward {
         ports: Vec<u16>,
         netns: Option<std::path::PathBuf>,
@@ -237,6 +260,23 @@ fn session(
             server: server.clone(),
             request,
         }),
+        StreamRequest::Attach(request) => {
+            // The container's own settings decide: a terminal has one output and resizes.
+            let rec = server
+                .manager
+                .running_container(&request.container_id, "attach needs a running container")
+                .map_err(|e| (StatusCode::NOT_FOUND, e.to_string()))?;
+            let tty = rec.config.0.tty;
+            Ok(Session::Attach {
+                socket: server.manager.attach_socket(&rec.id),
+                flags: StdioFlags {
+                    stdin: request.stdin && rec.config.0.stdin,
+                    stdout: request.stdout,
+                    stderr: request.stderr && !tty,
+                    tty,
+                },
+            })
+        }
         StreamRequest::PortForward(request) => {
             let mut ports = portforward::request_ports(&request.port).map_err(bad)?;
             if ports.is_empty() {
@@ -275,13 +315,11 @@ impl Session {
                     let (id, cmd) = (&request.container_id, &request.cmd);
                     exec::run(manager.runtime(), id, cmd, request.tty, &pid_file, streams).await
                 };
-                match transport {
-                    Transport::WebSocket(protocol) => {
-                        let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
-                        websocket::serve_remote_command(ws, protocol, flags, run).await;
-                    }
-                    Transport::Spdy => spdy::serve_remote_command(io, flags, run).await,
-                }
+                serve_remote_command(io, transport, flags, run).await;
+            }
+            (Session::Attach { socket, flags }, transport) => {
+                let run = |streams| async move { attach::run(&socket, streams).await };
+                serve_remote_command(io, transport, flags, run).await;
             }
             (Session::PortForward { ports, netns }, Transport::WebSocket(protocol)) => {
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;

@@ -1,11 +1,12 @@
-//! The streaming server behind Exec and PortForward, as a kubelet expects it (the role of
+//! The streaming server behind Exec, Attach and PortForward, as a kubelet expects it (the role of
 //! `k8s.io/kubelet/pkg/cri/streaming` in containerd): the RPC validates the request and
 //! parks it under a single-use token ([`cache`]); the client (the kubelet's proxy) then opens
-//! `http://ADDR/exec/TOKEN` (or `portforward/TOKEN`) and upgrades it either to a WebSocket
-//! speaking the `channel.k8s.io` protocols ([`channel`], [`websocket`]) or to SPDY/3.1
-//! ([`spdy`]). The commands themselves run in [`exec`] and [`portforward`], which know
-//! nothing of the wire. Attach is not served: the monitor keeps the container's stdio.
+//! `http://ADDR/exec/TOKEN` (or `attach/TOKEN`, `portforward/TOKEN`) and upgrades it either
+//! to a WebSocket speaking the `channel.k8s.io` protocols ([`channel`], [`websocket`]) or to
+//! SPDY/3.1 ([`spdy`]). The sessions themselves run in [`exec`], [`attach`] (through the
+//! container monitor's attach socket) and [`portforward`], which know nothing of the wire.
 
+pub mod attach;
 pub mod cache;
 pub mod channel;
 pub mod exec;
@@ -43,12 +44,13 @@ pub enum StreamingError {
     Token(#[from] crate::store::StoreError),
 }
 
-/// A validated Exec or PortForward request waiting for its client. (Attach needs the
-/// container's own stdio, which the monitor keeps to itself: not served yet.)
+/// A validated Exec, Attach or PortForward request waiting for its client.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamRequest {
     /// Exec: run a command in a container.
     Exec(cri::ExecRequest),
+    /// Attach: join a running container's stdio.
+    Attach(cri::AttachRequest),
     /// PortForward: reach ports inside a sandbox's network namespace.
     PortForward(cri::PortForwardRequest),
 }
@@ -58,6 +60,7 @@ impl StreamRequest {
     pub fn path(&self) -> &'static str {
         match self {
             StreamRequest::Exec(_) => "exec",
+            StreamRequest::Attach(_) => "attach",
             StreamRequest::PortForward(_) => "portforward",
         }
     }
@@ -89,7 +92,7 @@ impl StreamingServer {
             cache: RequestCache::new(cache::TOKEN_TTL, cache::MAX_IN_FLIGHT),
             manager,
         });
-        tracing::info!(addr = %bound, "serving Exec and PortForward streams");
+        tracing::info!(addr = %bound, "serving Exec, Attach and PortForward streams");
         tokio::spawn(http::serve(server.clone(), listener));
         Ok(server)
     }

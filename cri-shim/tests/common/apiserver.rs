@@ -1,6 +1,6 @@
-//! Just enough of a Kubernetes API server for `kubectl exec` and `kubectl port-forward`
-//! against one pod: GET of the pod answers a running pod, and the `exec` and `portforward`
-//! subresources are turned into CRI Exec / PortForward calls whose streaming URL gets the
+//! Just enough of a Kubernetes API server for `kubectl exec`, `attach` and `port-forward`
+//! against one pod: GET of the pod answers a running pod, and the `exec`, `attach` and
+//! `portforward` subresources are turned into CRI Exec / Attach / PortForward calls whose streaming URL gets the
 //! client's upgrade request (path rewritten) and then every byte both ways, the way the
 //! kubelet proxies to a runtime's streaming server. Lives in the node namespace.
 
@@ -103,7 +103,7 @@ async fn serve(mut client: TcpStream, mut target: Target) {
         p if p == pod_path => Some(serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": POD, "namespace": NAMESPACE},
-            "spec": {"containers": [{"name": target.container, "image": "busybox"}]},
+            "spec": {"containers": [{"name": target.container, "image": "busybox", "stdin": true}]},
             "status": {"phase": "Running"},
         })),
         _ => None,
@@ -131,6 +131,15 @@ async fn serve(mut client: TcpStream, mut target: Target) {
             stderr: flag("stderr"),
         };
         target.runtime.exec(req).await.map(|r| r.into_inner().url)
+    } else if path == format!("{pod_path}/attach") {
+        let req = cri::AttachRequest {
+            container_id: target.container_id.clone(),
+            tty: flag("tty"),
+            stdin: flag("stdin"),
+            stdout: flag("stdout"),
+            stderr: flag("stderr"),
+        };
+        target.runtime.attach(req).await.map(|r| r.into_inner().url)
     } else if path == format!("{pod_path}/portforward") {
         let req = cri::PortForwardRequest {
             pod_sandbox_id: target.sandbox_id.clone(),

@@ -166,7 +166,18 @@ impl Lab {
         name: &str,
         command: &[&str],
     ) -> String {
-        let id = self.create_container(pod, pod_name, name, command).await;
+        let config = self.container_config(name, command);
+        self.run_container_with(pod, pod_name, config).await
+    }
+
+    /// Creates and starts a container from `config`; returns its ID.
+    pub async fn run_container_with(
+        &mut self,
+        pod: &str,
+        pod_name: &str,
+        config: cri::ContainerConfig,
+    ) -> String {
+        let id = self.create_container_with(pod, pod_name, config).await;
         self.runtime
             .start_container(cri::StartContainerRequest {
                 container_id: id.clone(),
@@ -184,6 +195,16 @@ impl Lab {
         command: &[&str],
     ) -> String {
         let config = self.container_config(name, command);
+        self.create_container_with(pod, pod_name, config).await
+    }
+
+    /// CreateContainer with a config of the test's own; panics on an error.
+    pub async fn create_container_with(
+        &mut self,
+        pod: &str,
+        pod_name: &str,
+        config: cri::ContainerConfig,
+    ) -> String {
         self.try_create_container(pod, pod_name, config)
             .await
             .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", self.shim_log()))
@@ -284,6 +305,25 @@ impl Lab {
             base64: protocols.first().is_some_and(|p| p.contains("base64")),
         })
     }
+}
+
+/// `<RFC3339Nano> <stream> <F|P> <msg>` records of a CRI log file.
+pub fn log_records(path: &str) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut it = l.splitn(4, ' ');
+            let ts = it.next().unwrap();
+            assert!(
+                ts.ends_with('Z') && ts.contains('T') && ts.len() == 30,
+                "RFC3339Nano: {ts}"
+            );
+            let stream = it.next().unwrap().to_string();
+            let tag = it.next().unwrap().to_string();
+            (stream, tag, it.next().unwrap_or("").to_string())
+        })
+        .collect()
 }
 
 /// The client side of a `channel.k8s.io` WebSocket session.

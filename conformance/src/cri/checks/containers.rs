@@ -236,6 +236,46 @@ pub(super) fn exec_url(env: &Env) -> CheckFuture<'_> {
     })
 }
 
+pub(super) fn attach(env: &Env) -> CheckFuture<'_> {
+    Box::pin(async move {
+        let name = env.unique("attach");
+        let pod = env.run_pod(&name).await?;
+        env.ensure_image().await?;
+        let mut config = env.template.container("main", &["sh"]);
+        config.stdin = true;
+        let req = cri::CreateContainerRequest {
+            pod_sandbox_id: pod,
+            config: Some(config),
+            sandbox_config: Some(env.template.sandbox(&name)),
+        };
+        let c = call("CreateContainer", env.runtime.clone().create_container(req))
+            .await?
+            .container_id;
+        env.start_container(&c).await?;
+        let req = cri::AttachRequest {
+            container_id: c.clone(),
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            tty: false,
+        };
+        let r = call("Attach", env.runtime.clone().attach(req)).await?;
+        if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
+            return Err(violation(format!("Attach answered URL {:?}", r.url)));
+        }
+        // `sh` reading its open stdin keeps running.
+        let s = env.container_status(&c).await?;
+        if s.state != ContainerState::ContainerRunning as i32 {
+            return Err(violation(format!(
+                "a sh container with stdin is not running: state {:?}, exit code {}",
+                ContainerState::try_from(s.state),
+                s.exit_code
+            )));
+        }
+        Ok(Outcome::passed_with(r.url))
+    })
+}
+
 /// What is missing from one container's stats.
 fn stats_gaps(s: &cri::ContainerStats, id: &str) -> Vec<String> {
     let mut gaps = Vec::new();

@@ -109,6 +109,18 @@ pub(super) fn unknown_ids_not_found(env: &Env) -> CheckFuture<'_> {
                 .await?,
             ),
             (
+                "Attach",
+                code_of(
+                    "Attach",
+                    rs().attach(cri::AttachRequest {
+                        container_id: id(),
+                        stdout: true,
+                        ..Default::default()
+                    }),
+                )
+                .await?,
+            ),
+            (
                 "ContainerStats",
                 code_of(
                     "ContainerStats",

@@ -122,6 +122,10 @@ pub const CHECKS: &[Check] = &[
         run: containers::exec_url,
     },
     Check {
+        name: "Attach to a running container created with stdin answers with a streaming URL",
+        run: containers::attach,
+    },
+    Check {
         name: "ContainerStats and ListContainerStats report CPU and memory",
         run: containers::stats,
     },

@@ -1,30 +1,42 @@
 //! The per-container monitor (`nodekit-cri-monitor`), our conmon: it outlives the shim so
 //! containers keep running and logging across shim restarts.
 //!
-//! It detaches (`setsid`), becomes the child subreaper, runs `RUNTIME create` with the
-//! container's stdout/stderr on pipes it owns, reports `{"pid":N}` or `{"error":..}` as one
-//! JSON line on its stdout, then turns the pipes into CRI log records (reopening the file on
-//! SIGUSR1), reaps the container's init when it exits and writes the exit record atomically.
+//! It detaches (`setsid`), becomes the child subreaper, serves the container's attach socket
+//! ([`crate::attach_socket`]), runs `RUNTIME create` with the container's stdout/stderr (and
+//! stdin, if it has one) on pipes it owns, or for a TTY container with a console socket on
+//! which the runtime hands over the terminal's master (SCM_RIGHTS), reports `{"pid":N}` or
+//! `{"error":..}` as one JSON line on its stdout, then relays ([`relay`]) output to CRI log
+//! records (reopening the file on SIGUSR1) and to attach sessions, reaps the container's init
+//! when it exits and writes the exit record atomically.
 
+pub mod relay;
+
+use std::io::IoSliceMut;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
+use nix::sys::wait::WaitStatus;
 use nodekit_nsutil::mountns::{hide_mounts_in_child, HiddenMount};
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketFlags, SocketType};
 use serde::{Deserialize, Serialize};
 
-use crate::logs::{LogWriter, Stream};
+use crate::attach_socket;
+use crate::logs::LogWriter;
 use crate::store;
+use relay::{ContainerIo, Relay};
 
-/// How long output may keep flowing after the init process exited (a daemonised child
-/// holding the pipes open must not keep the container "running").
-const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// The console socket's name in the bundle; the runtime runs in the bundle and connects to
+/// it by this relative name, so long bundle paths fit `sun_path`.
+const CONSOLE_SOCKET: &str = "console.sock";
+
+/// How often the wait for the runtime's console connection checks that the runtime lives.
+const CONSOLE_POLL: Duration = Duration::from_millis(100);
 
 /// What the monitor writes when the container's init process is gone.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -76,6 +88,29 @@ pub struct MonitorArgs {
     /// A mount the runtime must not see (crun on hybrid cgroup hosts: the cgroup2 mount).
     #[arg(long)]
     pub hide_mount: Vec<PathBuf>,
+    /// The attach socket to serve (none: no attach).
+    #[arg(long)]
+    pub attach_socket: Option<PathBuf>,
+    /// The container's stdin and terminal.
+    #[command(flatten)]
+    pub stdio: StdioArgs,
+}
+
+/// A container's stdin and terminal settings (CRI `ContainerConfig` `stdin`, `stdin_once`,
+/// `tty`), as the monitor takes them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::Args)]
+pub struct StdioArgs {
+    /// Give the container a stdin pipe the monitor holds open, fed by attach sessions
+    /// (without it, stdin is /dev/null).
+    #[arg(long)]
+    pub stdin: bool,
+    /// Close the container's stdin when the first attach session that had stdin ends.
+    #[arg(long)]
+    pub stdin_once: bool,
+    /// Run the container on a terminal (its spec says `terminal: true`): output, input and
+    /// size go through the terminal's master, received from the runtime.
+    #[arg(long)]
+    pub tty: bool,
 }
 
 /// The monitor failed before the container existed (reported to the shim) or while watching
@@ -106,6 +141,17 @@ pub enum MonitorError {
     /// Writing the exit record failed.
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// The runtime exited without handing over the terminal on the console socket.
+    #[error("{runtime} create did not send the terminal on the console socket")]
+    NoConsole {
+        /// The runtime binary.
+        runtime: PathBuf,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MonitorError {
+    let what = what.into();
+    move |source| MonitorError::Io { what, source }
 }
 
 fn sys(what: &'static str) -> impl FnOnce(nix::Error) -> MonitorError {
@@ -130,21 +176,27 @@ pub fn run(args: &MonitorArgs) -> Result<(), MonitorError> {
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(sys("signalfd"))?;
 
-    let created = create(args);
+    let listener = args
+        .attach_socket
+        .as_deref()
+        .map(attach_socket::listen)
+        .transpose()
+        .map_err(io_err("binding the attach socket"));
+    let created = listener.and_then(|l| Ok((create(args)?, l)));
     let report = match &created {
-        Ok((pid, ..)) => CreateReport::Pid(*pid),
+        Ok(((pid, _), _)) => CreateReport::Pid(*pid),
         Err(e) => CreateReport::Error(e.to_string()),
     };
     println!("{}", serde_json::to_string(&report).unwrap_or_default());
     if let Ok(null) = std::fs::File::open("/dev/null") {
         let _ = nix::unistd::dup2_stdout(null);
     }
-    let (pid, out, err) = created?;
-    let mut log = LogWriter::open(args.log_path.as_deref()).map_err(|source| MonitorError::Io {
-        what: "opening the container log".into(),
-        source,
-    })?;
-    let status = watch(pid, &signals, [Some(out), Some(err)], &mut log);
+    let ((pid, io), listener) = created?;
+    let mut log =
+        LogWriter::open(args.log_path.as_deref()).map_err(io_err("opening the container log"))?;
+    let relay = Relay::new(io, listener, args.stdio.stdin_once)
+        .map_err(io_err("setting up the container's stdio"))?;
+    let status = relay.run(pid, &signals, &mut log);
     let oom_killed = args.memory_cgroup.as_deref().is_some_and(oom_killed);
     let (exit_code, signal) = match status {
         WaitStatus::Exited(_, code) => (code, None),
@@ -163,10 +215,12 @@ pub fn run(args: &MonitorArgs) -> Result<(), MonitorError> {
     Ok(())
 }
 
-/// Runs `RUNTIME create`; returns the init PID and the read ends of its stdout/stderr.
-fn create(args: &MonitorArgs) -> Result<(i32, OwnedFd, OwnedFd), MonitorError> {
-    let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
-    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+/// Runs `RUNTIME create`; returns the init PID and the monitor's side of the container's
+/// stdio.
+fn create(args: &MonitorArgs) -> Result<(i32, ContainerIo), MonitorError> {
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"));
+    // The runtime's own errors; with pipes also the container's stderr.
+    let (err_r, err_w) = pipe()?;
     let pid_file = args.bundle.join("init.pid");
     let runtime_log = args.bundle.join("runtime.log");
     let _ = std::fs::remove_file(&runtime_log);
@@ -177,7 +231,7 @@ fn create(args: &MonitorArgs) -> Result<(i32, OwnedFd, OwnedFd), MonitorError> {
         .filter_map(|m| HiddenMount::find(m).ok().flatten())
         .collect::<Vec<_>>();
     hide_mounts_in_child(&mut cmd, &hidden);
-    let status = cmd
+    cmd.current_dir(&args.bundle)
         .args(&args.runtime_arg)
         .arg("--log")
         .arg(&runtime_log)
@@ -187,16 +241,42 @@ fn create(args: &MonitorArgs) -> Result<(i32, OwnedFd, OwnedFd), MonitorError> {
         .arg("--bundle")
         .arg(&args.bundle)
         .arg("--pid-file")
-        .arg(&pid_file)
-        .arg(&args.id)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out_w))
-        .stderr(Stdio::from(err_w))
-        .status()
-        .map_err(|source| MonitorError::Io {
-            what: format!("running {}", args.runtime.display()),
-            source,
-        })?;
+        .arg(&pid_file);
+    let (child, io) = if args.stdio.tty {
+        let console =
+            attach_socket::listen_unix(&args.bundle.join(CONSOLE_SOCKET), SocketType::STREAM)
+                .map_err(io_err("binding the console socket"))?;
+        cmd.arg("--console-socket")
+            .arg(CONSOLE_SOCKET)
+            .arg(&args.id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(err_w));
+        let mut child = spawn(cmd, &args.runtime)?;
+        let master =
+            receive_console(&console, &mut child).map_err(io_err("receiving the terminal"))?;
+        let _ = std::fs::remove_file(args.bundle.join(CONSOLE_SOCKET));
+        (child, master.map(ContainerIo::Terminal))
+    } else {
+        let (out_r, out_w) = pipe()?;
+        let (stdin_r, stdin_w) = match args.stdio.stdin {
+            true => pipe().map(|(r, w)| (Stdio::from(r), Some(w)))?,
+            false => (Stdio::null(), None),
+        };
+        let err_r = err_r.try_clone().map_err(io_err("duplicating a pipe"))?;
+        cmd.arg(&args.id)
+            .stdin(stdin_r)
+            .stdout(Stdio::from(out_w))
+            .stderr(Stdio::from(err_w));
+        let child = spawn(cmd, &args.runtime)?;
+        let io = ContainerIo::Pipes {
+            stdout: out_r,
+            stderr: err_r,
+            stdin: stdin_w,
+        };
+        (child, Some(io))
+    };
+    let status = wait(child, &args.runtime)?;
     if !status.success() {
         let mut msg = runtime_error(&runtime_log);
         if msg.is_empty() {
@@ -207,11 +287,65 @@ fn create(args: &MonitorArgs) -> Result<(i32, OwnedFd, OwnedFd), MonitorError> {
             args.runtime.display()
         )));
     }
+    let io = io.ok_or_else(|| MonitorError::NoConsole {
+        runtime: args.runtime.clone(),
+    })?;
     let pid = std::fs::read_to_string(&pid_file)
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .ok_or_else(|| MonitorError::Create(format!("no pid in {}", pid_file.display())))?;
-    Ok((pid, out_r, err_r))
+    Ok((pid, io))
+}
+
+/// Starts `cmd`, dropping it so that the parent's copies of the child's pipe ends close.
+fn spawn(mut cmd: Command, runtime: &Path) -> Result<Child, MonitorError> {
+    cmd.spawn()
+        .map_err(io_err(format!("running {}", runtime.display())))
+}
+
+fn wait(mut child: Child, runtime: &Path) -> Result<std::process::ExitStatus, MonitorError> {
+    child
+        .wait()
+        .map_err(io_err(format!("waiting for {}", runtime.display())))
+}
+
+/// The terminal master the runtime sends on `console` (SCM_RIGHTS, as runc and crun do for
+/// `--console-socket`); `None` when the runtime exited without connecting.
+fn receive_console(console: &OwnedFd, runtime: &mut Child) -> std::io::Result<Option<OwnedFd>> {
+    loop {
+        let mut fds = [PollFd::new(console.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(CONSOLE_POLL).unwrap_or(PollTimeout::ZERO);
+        match poll(&mut fds, timeout) {
+            Ok(0) | Err(nix::Error::EINTR) => {
+                if runtime.try_wait()?.is_some() {
+                    return Ok(None);
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let conn = match rustix::net::accept_with(console, SocketFlags::CLOEXEC) {
+            Ok(conn) => conn,
+            Err(rustix::io::Errno::AGAIN) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        // The runtime sends the terminal's name as data and the master as a right.
+        let mut name = [0u8; 4096];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        rustix::net::recvmsg(
+            &conn,
+            &mut [IoSliceMut::new(&mut name)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        let master = control.drain().find_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        });
+        return Ok(master);
+    }
 }
 
 /// The error messages of a runtime's JSON log (`{"level":"error","msg":...}` lines).
@@ -233,94 +367,6 @@ fn drain(fd: &OwnedFd) -> String {
         all.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&all).trim().to_string()
-}
-
-/// Copies output to the log until the init process `pid` exited and the pipes closed (or
-/// [`DRAIN_AFTER_EXIT`] passed); reaps every orphan meanwhile. Returns init's wait status.
-fn watch(
-    pid: i32,
-    signals: &SignalFd,
-    mut pipes: [Option<OwnedFd>; 2],
-    log: &mut LogWriter,
-) -> WaitStatus {
-    let streams = [Stream::Stdout, Stream::Stderr];
-    let mut exit: Option<(WaitStatus, Instant)> = None;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let open = pipes.iter().any(Option::is_some);
-        if let Some((status, at)) = exit {
-            if !open || at.elapsed() >= DRAIN_AFTER_EXIT {
-                for s in streams {
-                    let _ = log.finish(s);
-                }
-                return status;
-            }
-        }
-        let timeout = match exit {
-            Some((_, at)) => PollTimeout::try_from(DRAIN_AFTER_EXIT.saturating_sub(at.elapsed()))
-                .unwrap_or(PollTimeout::ZERO),
-            None => PollTimeout::NONE,
-        };
-        let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
-        let order: Vec<usize> = (0..2).filter(|i| pipes[*i].is_some()).collect();
-        for i in &order {
-            if let Some(p) = &pipes[*i] {
-                fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
-            }
-        }
-        if poll(&mut fds, timeout).is_err() {
-            continue;
-        }
-        let ready: Vec<bool> = fds
-            .iter()
-            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-            .collect();
-        drop(fds);
-        for (slot, i) in order.iter().enumerate() {
-            if !ready[slot + 1] {
-                continue;
-            }
-            let n = pipes[*i]
-                .as_ref()
-                .map_or(Ok(0), |p| nix::unistd::read(p, &mut buf));
-            match n {
-                Ok(0) | Err(_) => {
-                    let _ = log.finish(streams[*i]);
-                    pipes[*i] = None;
-                }
-                Ok(n) => {
-                    if let Err(e) = log.write(streams[*i], &buf[..n]) {
-                        eprintln!("writing container log: {e}");
-                    }
-                }
-            }
-        }
-        if ready[0] {
-            while let Ok(Some(info)) = signals.read_signal() {
-                if info.ssi_signo == Signal::SIGUSR1 as u32 {
-                    if let Err(e) = log.reopen() {
-                        eprintln!("reopening container log: {e}");
-                    }
-                }
-                if info.ssi_signo == Signal::SIGCHLD as u32 {
-                    reap(pid, &mut exit);
-                }
-            }
-        }
-    }
-}
-
-fn reap(init: i32, exit: &mut Option<(WaitStatus, Instant)>) {
-    loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(status) => {
-                if status.pid() == Some(Pid::from_raw(init)) {
-                    *exit = Some((status, Instant::now()));
-                }
-            }
-        }
-    }
 }
 
 /// Whether the cgroup's OOM-kill counter (v1 `memory.oom_control`, v2 `memory.events`) moved.
