@@ -50,6 +50,11 @@ pub struct Options {
     /// Registries (`host[:port]`) pulled over plain HTTP besides loopback ones.
     #[arg(long)]
     pub insecure_registry: Vec<String>,
+    /// Registry hosts directory, containerd's `config_path` (e.g. /etc/containerd/certs.d):
+    /// `DIR/<host[:port]>/hosts.toml` (else `DIR/_default/hosts.toml`) lists mirrors tried
+    /// in order before the registry itself; read at each pull.
+    #[arg(long)]
+    pub registry_config_dir: Option<PathBuf>,
     /// The `nodekit-pause` binary (default: next to this executable).
     #[arg(long)]
     pub pause_path: Option<PathBuf>,

@@ -83,6 +83,7 @@ impl Manager {
             images: ImageStore::open(opts.root.join("images"))?,
             pull_opts: PullOptions {
                 insecure_registries: opts.insecure_registry.clone(),
+                registry_config_dir: opts.registry_config_dir.clone(),
             },
             cgroups: Hierarchies::detect()?,
             pause_binary: Options::sibling_binary(&opts.pause_path, "nodekit-pause"),
