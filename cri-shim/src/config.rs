@@ -37,7 +37,9 @@ pub struct Options {
     /// Cgroup manager for container cgroups (reported by RuntimeConfig).
     #[arg(long, value_enum, default_value = "cgroupfs")]
     pub cgroup_driver: CgroupDriver,
-    /// Pause image (not supported yet: the built-in `nodekit-pause` process is used).
+    /// Pause image: each sandbox's namespace holder is then a container run from it by the
+    /// OCI runtime (pulled when absent), as containerd does; without it, the `nodekit-pause`
+    /// host process holds them.
     #[arg(long)]
     pub pause_image: Option<String>,
     /// Address of the streaming server for Exec/Attach/PortForward URLs (port 0: an

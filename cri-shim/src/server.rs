@@ -31,11 +31,6 @@ pub enum ServeError {
 
 /// Runs the shim until SIGTERM or SIGINT. Sandboxes and containers keep running.
 pub async fn run(opts: Options) -> Result<(), ServeError> {
-    if opts.pause_image.is_some() {
-        tracing::warn!(
-            "--pause-image is not supported yet: the nodekit-pause process holds pod namespaces"
-        );
-    }
     let socket = opts.socket_path();
     let streaming_addr = opts.streaming_addr;
     let manager = Manager::open(opts).await?;

@@ -53,7 +53,7 @@ fn mount_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(nix::Error) 
     }
 }
 
-fn mkdirs(path: &Path) -> Result<(), CriError> {
+pub(super) fn mkdirs(path: &Path) -> Result<(), CriError> {
     std::fs::create_dir_all(path).map_err(|source| {
         StoreError::Io {
             path: path.to_path_buf(),
@@ -63,6 +63,68 @@ fn mkdirs(path: &Path) -> Result<(), CriError> {
     })
 }
 
+/// Mounts `image`'s layers as an overlayfs at `root/rootfs` (writable layer `root/upper`);
+/// returns the rootfs path. Undone by [`unmount_rootfs`].
+pub(super) fn mount_rootfs(
+    root: &Path,
+    image: &crate::image::ImageRecord,
+    images: &crate::image::ImageStore,
+) -> Result<PathBuf, CriError> {
+    let (upper, work, rootfs) = (root.join("upper"), root.join("work"), root.join("rootfs"));
+    for d in [&upper, &work, &rootfs] {
+        mkdirs(d)?;
+    }
+    let mut lowers: Vec<PathBuf> = image
+        .chain_ids
+        .iter()
+        .rev()
+        .map(|c| images.layer_dir(c))
+        .collect();
+    if lowers.is_empty() {
+        let empty = root.join("empty");
+        mkdirs(&empty)?;
+        lowers.push(empty);
+    }
+    let lower = lowers
+        .iter()
+        .map(|p| p.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(":");
+    let data = format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay"),
+        &rootfs,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(mount_err("mounting overlay rootfs on", &rootfs))?;
+    Ok(rootfs)
+}
+
+/// Unmounts the rootfs [`mount_rootfs`] made under `root`; not mounted is success.
+pub(super) fn unmount_rootfs(root: &Path) -> Result<(), CriError> {
+    let rootfs = root.join("rootfs");
+    match umount2(&rootfs, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
+        Err(e) => Err(mount_err("unmounting", &rootfs)(e)),
+    }
+}
+
+/// Writes `spec` as the bundle's `config.json` (atomically).
+pub(super) fn write_bundle(bundle: &Path, spec: &oci_spec::runtime::Spec) -> Result<(), CriError> {
+    let path = bundle.join("config.json");
+    let json = serde_json::to_vec_pretty(spec).map_err(|source| StoreError::Corrupt {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(store::write_atomic(&path, &json)?)
+}
+
 impl Manager {
     fn exit_file(&self, id: &str) -> PathBuf {
         self.container_state_dir(id).join("exit.json")
@@ -70,10 +132,6 @@ impl Manager {
 
     fn bundle(&self, id: &str) -> PathBuf {
         self.container_state_dir(id).join("bundle")
-    }
-
-    fn rootfs(&self, id: &str) -> PathBuf {
-        self.container_root_dir(id).join("rootfs")
     }
 
     /// The record with the monitor's exit record folded in; a container whose monitor and
@@ -224,40 +282,8 @@ impl Manager {
         image: &crate::image::ImageRecord,
     ) -> Result<(), CriError> {
         self.save_container(rec)?;
-        let root = self.container_root_dir(&rec.id);
-        let (upper, work, rootfs) = (root.join("upper"), root.join("work"), root.join("rootfs"));
-        for d in [&upper, &work, &rootfs, &self.bundle(&rec.id)] {
-            mkdirs(d)?;
-        }
-        let mut lowers: Vec<PathBuf> = image
-            .chain_ids
-            .iter()
-            .rev()
-            .map(|c| self.images.layer_dir(c))
-            .collect();
-        if lowers.is_empty() {
-            let empty = root.join("empty");
-            mkdirs(&empty)?;
-            lowers.push(empty);
-        }
-        let lower = lowers
-            .iter()
-            .map(|p| p.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(":");
-        let data = format!(
-            "lowerdir={lower},upperdir={},workdir={}",
-            upper.display(),
-            work.display()
-        );
-        mount(
-            Some("overlay"),
-            &rootfs,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(data.as_str()),
-        )
-        .map_err(mount_err("mounting overlay rootfs on", &rootfs))?;
+        mkdirs(&self.bundle(&rec.id))?;
+        let rootfs = mount_rootfs(&self.container_root_dir(&rec.id), image, &self.images)?;
 
         let config = rec.config.0.clone();
         let sc = config
@@ -310,11 +336,7 @@ impl Manager {
             devices,
         })?;
         let bundle = self.bundle(&rec.id);
-        let spec_json = serde_json::to_vec_pretty(&spec).map_err(|e| StoreError::Corrupt {
-            path: bundle.join("config.json"),
-            source: e,
-        })?;
-        store::write_atomic(&bundle.join("config.json"), &spec_json)?;
+        write_bundle(&bundle, &spec)?;
         if let Some(parent) = rec.log_path.as_ref().and_then(|p| p.parent()) {
             mkdirs(parent)?;
         }
@@ -470,11 +492,7 @@ impl Manager {
             }
             m.signal(Signal::SIGKILL);
         }
-        let rootfs = self.rootfs(&rec.id);
-        match umount2(&rootfs, MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
-            Err(e) => return Err(mount_err("unmounting", &rootfs)(e)),
-        }
+        unmount_rootfs(&self.container_root_dir(&rec.id))?;
         store::remove_dir_all(&self.container_root_dir(&rec.id))?;
         store::remove_dir_all(&self.container_state_dir(&rec.id))?;
         lock(&self.containers).remove(&rec.id);
@@ -574,18 +592,26 @@ impl Manager {
         self.save_container(&rec)
     }
 
-    /// Chain IDs of layers that existing containers run on (kept when images are removed).
+    /// Chain IDs of layers that existing containers and sandbox containers run on (kept when
+    /// images are removed).
     pub fn layers_in_use(&self) -> std::collections::HashSet<String> {
-        lock(&self.containers)
+        let mut in_use: std::collections::HashSet<String> = lock(&self.containers)
             .values()
             .flat_map(|c| c.chain_ids.clone())
-            .collect()
+            .collect();
+        in_use.extend(
+            lock(&self.sandboxes)
+                .values()
+                .filter_map(|s| s.pause_image.as_ref())
+                .flat_map(|p| p.chain_ids.clone()),
+        );
+        in_use
     }
 }
 
 /// The lowest oom_score_adj containers may get: the shim's own when it lacks
 /// CAP_SYS_RESOURCE (lowering needs it), no floor otherwise.
-fn oom_score_adj_floor() -> Option<i32> {
+pub(super) fn oom_score_adj_floor() -> Option<i32> {
     const CAP_SYS_RESOURCE: u32 = 24;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let cap_eff = status

@@ -9,6 +9,7 @@ pub mod container;
 pub mod files;
 pub mod records;
 pub mod sandbox;
+pub mod sandbox_container;
 pub mod stats;
 
 use std::collections::{BTreeMap, HashMap};
@@ -66,6 +67,7 @@ impl Manager {
             opts.state.join("containers"),
             opts.state.join("runtime"),
             opts.root.join("containers"),
+            opts.root.join("sandboxes"),
         ] {
             std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir, source })?;
         }

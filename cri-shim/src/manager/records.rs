@@ -89,6 +89,19 @@ pub struct SandboxRecord {
     pub cni: Option<CniAttachment>,
     /// The cgroup (relative to each hierarchy) holding the pause process.
     pub cgroup: Option<PathBuf>,
+    /// With `--pause-image`: the image the sandbox container runs (the namespace holder is
+    /// then that container, runtime ID = sandbox ID). Absent in older shims' records.
+    #[serde(default)]
+    pub pause_image: Option<PauseImage>,
+}
+
+/// The image a sandbox container runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PauseImage {
+    /// The image ID.
+    pub id: String,
+    /// Its layer stack (chain IDs, bottom first), kept from garbage collection.
+    pub chain_ids: Vec<String>,
 }
 
 /// Where a container is in its life, as far as the shim drove it (an exit record written by

@@ -29,6 +29,8 @@ pub struct Lab {
     pub node: NetNs,
     pub prefix: String,
     pub cgroup_parent: String,
+    /// Flags `start_shim` adds after the lab's.
+    shim_args: Vec<String>,
     lab: CriLab,
 }
 
@@ -76,6 +78,7 @@ impl Lab {
             node: NetNs::open(lab.node().path()).unwrap(),
             prefix: lab.prefix().to_string(),
             cgroup_parent: lab.cgroup_parent(),
+            shim_args: Vec::new(),
             lab,
         };
         lab.start_shim().await;
@@ -94,7 +97,7 @@ impl Lab {
     pub async fn start_shim(&mut self) {
         let runtime = CriRuntime::Nodekit {
             binary: env!("CARGO_BIN_EXE_nodekit-cri").into(),
-            args: Vec::new(),
+            args: self.shim_args.clone(),
             log_filter: "nodekit_cri=debug,info".into(),
         };
         let socket = self
@@ -106,6 +109,12 @@ impl Lab {
             .unwrap_or_else(|e| panic!("connecting to nodekit-cri: {e}\n{}", self.shim_log()));
         self.runtime = RuntimeServiceClient::new(ch.clone());
         self.images = ImageServiceClient::new(ch);
+    }
+
+    /// Restarts the shim with `args` after the lab's flags (kept for later restarts).
+    pub async fn restart_shim_with(&mut self, args: &[&str]) {
+        self.shim_args = args.iter().map(|a| a.to_string()).collect();
+        self.start_shim().await;
     }
 
     /// Kills the shim like a crash would (SIGKILL), leaving pods and containers running.
@@ -202,6 +211,32 @@ impl Lab {
             .into_inner()
             .status
             .unwrap()
+    }
+
+    pub async fn sandbox_status(&mut self, id: &str) -> cri::PodSandboxStatus {
+        self.runtime
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+    }
+
+    /// The host PID of the init process of the runtime (runc) container `id`.
+    pub fn runc_pid(&self, id: &str) -> i32 {
+        let out = std::process::Command::new(nodekit_conformance::cri::lab::RUNC)
+            .arg("--root")
+            .arg(self.path("state/runtime"))
+            .args(["state", id])
+            .output()
+            .unwrap();
+        let state: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("runc state {id}: {e}: {out:?}"));
+        state["pid"].as_i64().unwrap() as i32
     }
 
     pub async fn wait_exited(&mut self, id: &str) -> cri::ContainerStatus {

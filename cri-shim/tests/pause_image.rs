@@ -1,0 +1,232 @@
+//! `--pause-image`: the sandbox's namespace holder is a container run by runc from the lab's
+//! `sleep` pause image (pulled on first use), which the pod's containers join; stop/remove and
+//! failures leave nothing, and a restarted shim finds it.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Lab, LabOptions};
+use nodekit_conformance::cri::lab::{ABSENT_IMAGE, PAUSE_IMAGE};
+use nodekit_proto::cri::v1 as cri;
+
+fn ns(pid: i32, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/ns/{kind}: {e}"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn status_field(pid: i32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+fn entries(path: std::path::PathBuf) -> Vec<String> {
+    std::fs::read_dir(&path)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn held_addresses(lab: &Lab) -> Vec<String> {
+    entries(lab.path("ipam/nk-test"))
+        .into_iter()
+        .filter(|n| n.starts_with("10."))
+        .collect()
+}
+
+#[tokio::test]
+async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.restart_shim_with(&["--pause-image", PAUSE_IMAGE]).await;
+    lab.pull().await;
+    let web = lab.run_pod("web").await;
+    let client = lab.run_pod("client").await;
+    let pulled = lab
+        .images
+        .image_status(cri::ImageStatusRequest {
+            image: Some(cri::ImageSpec {
+                image: PAUSE_IMAGE.into(),
+                ..Default::default()
+            }),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pulled.image.is_some(), "the pause image was pulled");
+    let mut known = lab.leftover_runtime_containers();
+    known.sort();
+    let mut pods = vec![web.clone(), client.clone()];
+    pods.sort();
+    assert_eq!(known, pods, "runc runs one sandbox container per pod");
+
+    let pause = lab.runc_pid(&web);
+    let cmdline = std::fs::read_to_string(format!("/proc/{pause}/cmdline")).unwrap();
+    assert_eq!(
+        cmdline.split('\0').collect::<Vec<_>>(),
+        ["/bin/sleep", "2147483647", ""],
+        "the image's entrypoint and cmd"
+    );
+    assert_eq!(status_field(pause, "CapEff:"), "0000000000000000");
+    assert_eq!(status_field(pause, "CapBnd:"), "0000000000000000");
+    assert_eq!(status_field(pause, "NoNewPrivs:"), "1");
+    assert_eq!(
+        status_field(pause, "NSpid:").split_whitespace().last(),
+        Some("1")
+    );
+    let root_ro = std::fs::read_to_string(format!("/proc/{pause}/mountinfo"))
+        .unwrap()
+        .lines()
+        .any(|l| {
+            l.split(' ').nth(4) == Some("/") && l.split(' ').nth(5).unwrap().starts_with("ro")
+        });
+    assert!(root_ro, "read-only rootfs");
+    let cgroup = std::fs::read_to_string(format!("/proc/{pause}/cgroup")).unwrap();
+    assert!(
+        cgroup.contains(&format!("{}/{web}", lab.cgroup_parent)),
+        "in the sandbox's cgroup: {cgroup}"
+    );
+
+    let server = lab
+        .run_container(
+            &web,
+            "web",
+            "httpd",
+            &["httpd", "-f", "-p", "8080", "-h", "/www"],
+        )
+        .await;
+    let sidecar = lab
+        .run_container(&web, "web", "sidecar", &["sleep", "3600"])
+        .await;
+    let (a, b) = (lab.runc_pid(&server), lab.runc_pid(&sidecar));
+    for kind in ["ipc", "uts", "net"] {
+        assert_eq!(
+            ns(a, kind),
+            ns(pause, kind),
+            "{kind} shared with the sandbox"
+        );
+        assert_eq!(
+            ns(b, kind),
+            ns(pause, kind),
+            "{kind} shared with the sandbox"
+        );
+    }
+    let me = std::process::id() as i32;
+    assert_ne!(ns(pause, "ipc"), ns(me, "ipc"), "own IPC namespace");
+    assert_ne!(ns(pause, "uts"), ns(me, "uts"), "own UTS namespace");
+    let hostname = lab.exec(&sidecar, &["hostname"], 5).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&hostname.stdout).trim(), "web");
+
+    let web_ip = lab.sandbox_status(&web).await.network.unwrap().ip;
+    let probe = lab
+        .run_container(&client, "client", "probe", &["sleep", "3600"])
+        .await;
+    let url = format!("http://{web_ip}:8080/index.html");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = lab
+            .exec(&probe, &["wget", "-q", "-O", "-", &url], 5)
+            .await
+            .unwrap();
+        if got.exit_code == 0 {
+            assert_eq!(String::from_utf8_lossy(&got.stdout), "hello from nk\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "client cannot reach {url}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    lab.kill_shim();
+    lab.start_shim().await;
+    let status = lab.sandbox_status(&web).await;
+    assert_eq!(status.state, cri::PodSandboxState::SandboxReady as i32);
+    let late = lab
+        .run_container(&web, "web", "late", &["sleep", "3600"])
+        .await;
+    assert_eq!(
+        ns(lab.runc_pid(&late), "ipc"),
+        ns(pause, "ipc"),
+        "after a restart new containers join the same sandbox"
+    );
+
+    for pod in [&web, &client] {
+        lab.runtime
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.to_string(),
+            })
+            .await
+            .unwrap();
+    }
+    let left = lab.leftover_runtime_containers();
+    assert!(
+        !left.contains(&web) && !left.contains(&client),
+        "sandbox containers deleted at stop: {left:?}"
+    );
+    assert!(lab.leftover_netns().is_empty(), "netns removed at stop");
+    for pod in [&web, &client] {
+        lab.runtime
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.to_string(),
+            })
+            .await
+            .unwrap();
+    }
+    assert!(lab.leftover_runtime_containers().is_empty());
+    assert!(
+        lab.leftover_mounts().is_empty(),
+        "{:?}",
+        lab.leftover_mounts()
+    );
+    assert!(lab.cgroup_pids().is_empty(), "sandbox containers gone");
+    assert!(entries(lab.path("state/sandboxes")).is_empty());
+    assert!(entries(lab.path("root/sandboxes")).is_empty());
+    assert!(held_addresses(&lab).is_empty(), "addresses released");
+}
+
+#[tokio::test]
+async fn an_unpullable_pause_image_fails_run_pod_sandbox_and_leaves_nothing() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.restart_shim_with(&["--pause-image", ABSENT_IMAGE])
+        .await;
+    let err = lab
+        .runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(lab.sandbox_config("doomed")),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("pause image") && err.message().contains(ABSENT_IMAGE),
+        "names the pause image: {err}"
+    );
+    let pods = lab
+        .runtime
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pods.items.is_empty());
+    assert!(lab.leftover_netns().is_empty());
+    assert!(lab.leftover_runtime_containers().is_empty());
+    assert!(lab.leftover_mounts().is_empty());
+    assert!(lab.cgroup_pids().is_empty());
+    assert!(entries(lab.path("state/sandboxes")).is_empty());
+    assert!(held_addresses(&lab).is_empty());
+
+    // The name is free once a pause image can be pulled.
+    lab.restart_shim_with(&["--pause-image", PAUSE_IMAGE]).await;
+    lab.run_pod("doomed").await;
+}
