@@ -1,0 +1,167 @@
+//! `--registry-config-dir` (containerd's hosts.toml): `registry.k8s.io/...`, unreachable from
+//! the lab, is pulled through the lab's local registry as a mirror, after a mirror that is
+//! down; the image keeps its `registry.k8s.io` name, and the pause image comes the same way.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Lab, LabOptions};
+use nodekit_conformance::cri::lab::REGISTRY;
+use nodekit_proto::cri::v1 as cri;
+use tonic::Code;
+
+const MIRRORED: &str = "registry.k8s.io/nk/busybox:1";
+const MIRRORED_PAUSE: &str = "registry.k8s.io/nk/pause:1";
+
+fn image(name: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec {
+        image: name.into(),
+        ..Default::default()
+    })
+}
+
+async fn pull(lab: &mut Lab, name: &str) -> Result<String, tonic::Status> {
+    lab.images
+        .pull_image(cri::PullImageRequest {
+            image: image(name),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().image_ref)
+}
+
+/// Writes `DIR/<host>/hosts.toml`.
+fn hosts_toml(dir: &std::path::Path, host: &str, text: &str) {
+    std::fs::create_dir_all(dir.join(host)).unwrap();
+    std::fs::write(dir.join(host).join("hosts.toml"), text).unwrap();
+}
+
+#[tokio::test]
+async fn registry_k8s_io_is_pulled_through_the_second_mirror_when_the_first_is_down() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    let certs = lab.path("certs.d");
+    // Port 1 of the node namespace's loopback has no listener: that mirror is down.
+    hosts_toml(
+        &certs,
+        "registry.k8s.io",
+        &format!(
+            "server = \"https://registry.k8s.io\"\n\n\
+             [host.\"http://127.0.0.1:1\"]\n  capabilities = [\"pull\", \"resolve\"]\n\n\
+             [host.\"http://{REGISTRY}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    );
+    let certs_arg = certs.to_string_lossy().into_owned();
+    lab.restart_shim_with(&[
+        "--registry-config-dir",
+        &certs_arg,
+        "--pause-image",
+        MIRRORED_PAUSE,
+    ])
+    .await;
+
+    let id = pull(&mut lab, MIRRORED)
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {MIRRORED}: {e}\n{}", lab.shim_log()));
+    let status = lab
+        .images
+        .image_status(cri::ImageStatusRequest {
+            image: image(MIRRORED),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .unwrap();
+    assert_eq!(status.id, id);
+    assert_eq!(status.repo_tags, [MIRRORED], "recorded under its own name");
+    assert!(
+        status.repo_digests[0].starts_with("registry.k8s.io/nk/busybox@sha256:"),
+        "{:?}",
+        status.repo_digests
+    );
+    let log = lab.shim_log();
+    assert!(
+        log.contains("registry host failed, trying the next") && log.contains("127.0.0.1:1"),
+        "the down mirror was tried first:\n{log}"
+    );
+    assert_eq!(
+        pull(&mut lab, common::IMAGE).await.unwrap(),
+        id,
+        "the same image as the lab registry's own"
+    );
+
+    // The pause image comes through the mirror too, and containers run from mirrored images.
+    let pod = lab.run_pod("mirrored").await;
+    let config = cri::CreateContainerRequest {
+        pod_sandbox_id: pod.clone(),
+        config: Some(cri::ContainerConfig {
+            image: image(MIRRORED),
+            ..lab.container_config("c", &["sh", "-c", "echo mirrored"])
+        }),
+        sandbox_config: Some(lab.sandbox_config("mirrored")),
+    };
+    let c = lab
+        .runtime
+        .create_container(config)
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    lab.runtime
+        .start_container(cri::StartContainerRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(lab.wait_exited(&c).await.exit_code, 0);
+    lab.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+
+    // Without a mirror for it, the upstream itself is tried (and is unreachable here).
+    let err = pull(&mut lab, "quay.io/nk/absent:1").await.unwrap_err();
+    assert!(err.message().contains("quay.io"), "{err}");
+}
+
+#[tokio::test]
+async fn default_hosts_apply_to_other_registries_and_bad_files_name_the_field() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    let certs = lab.path("certs.d");
+    // Resolve-only mirror first: it may not serve blobs, so they come from the second host.
+    hosts_toml(
+        &certs,
+        "_default",
+        &format!(
+            "[host.\"http://{REGISTRY}/v2\"]\n  capabilities = [\"resolve\"]\n  override_path = true\n\n\
+             [host.\"http://{REGISTRY}\"]\n  capabilities = [\"pull\"]\n"
+        ),
+    );
+    hosts_toml(
+        &certs,
+        "broken.example",
+        "[host.\"http://m:5000\"]\n  capabilities = [\"fly\"]\n",
+    );
+    let certs_arg = certs.to_string_lossy().into_owned();
+    lab.restart_shim_with(&["--registry-config-dir", &certs_arg])
+        .await;
+    let via_default = pull(&mut lab, "mirror.example/nk/busybox:1")
+        .await
+        .unwrap_or_else(|e| panic!("PullImage via _default: {e}\n{}", lab.shim_log()));
+    assert_eq!(pull(&mut lab, common::IMAGE).await.unwrap(), via_default);
+
+    let err = pull(&mut lab, "broken.example/nk/busybox:1")
+        .await
+        .unwrap_err();
+    let file = certs.join("broken.example/hosts.toml");
+    assert!(
+        err.message().contains(&*file.to_string_lossy())
+            && err.message().contains("capabilities")
+            && err.message().contains("fly"),
+        "{err}"
+    );
+    assert_eq!(err.code(), Code::Unknown);
+}
