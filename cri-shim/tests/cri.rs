@@ -6,16 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Lab, LabOptions, IMAGE};
+use common::{image_spec, Lab, LabOptions, IMAGE};
 use nodekit_proto::cri::v1 as cri;
 use tonic::Code;
-
-fn image_spec(name: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: name.into(),
-        ..Default::default()
-    })
-}
 
 #[tokio::test]
 async fn version_status_and_runtime_config_report_the_runtime() {
@@ -96,15 +89,8 @@ async fn images_are_pulled_listed_inspected_and_removed() {
 
     for name in [IMAGE, id.as_str()] {
         let img = lab
-            .images
-            .image_status(cri::ImageStatusRequest {
-                image: image_spec(name),
-                verbose: false,
-            })
+            .image_status(name)
             .await
-            .unwrap()
-            .into_inner()
-            .image
             .unwrap_or_else(|| panic!("ImageStatus({name}) is nil"));
         assert_eq!(img.id, id);
         assert_eq!(img.repo_tags, [IMAGE]);
@@ -148,17 +134,8 @@ async fn images_are_pulled_listed_inspected_and_removed() {
             .await
             .unwrap();
     }
-    let gone = lab
-        .images
-        .image_status(cri::ImageStatusRequest {
-            image: image_spec(&id),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
     assert!(
-        gone.image.is_none(),
+        lab.image_status(&id).await.is_none(),
         "ImageStatus of a removed image is nil, not an error"
     );
     let fs = lab
@@ -180,17 +157,7 @@ async fn pods_get_addresses_and_reach_each_other() {
     lab.pull().await;
     let web = lab.run_pod("web").await;
     let client = lab.run_pod("client").await;
-    let status = lab
-        .runtime
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: web.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = lab.sandbox_status(&web).await;
     assert_eq!(status.state, cri::PodSandboxState::SandboxReady as i32);
     let web_ip = status.network.unwrap().ip;
     assert!(
@@ -198,37 +165,15 @@ async fn pods_get_addresses_and_reach_each_other() {
         "pod IP from host-local: {web_ip:?}"
     );
 
-    let server = lab
-        .run_container(
-            &web,
-            "web",
-            "httpd",
-            &["httpd", "-f", "-p", "8080", "-h", "/www"],
-        )
-        .await;
+    let server = lab.run_httpd(&web, "web").await;
     let probe = lab
         .run_container(&client, "client", "probe", &["sleep", "3600"])
         .await;
     let hostname = lab.exec(&probe, &["hostname"], 5).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&hostname.stdout).trim(), "client");
 
-    let deadline = Instant::now() + Duration::from_secs(10);
     let url = format!("http://{web_ip}:8080/index.html");
-    loop {
-        let got = lab
-            .exec(&probe, &["wget", "-q", "-O", "-", &url], 5)
-            .await
-            .unwrap();
-        if got.exit_code == 0 {
-            assert_eq!(String::from_utf8_lossy(&got.stdout), "hello from nk\n");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "client pod cannot reach {url}: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    lab.expect_http(&probe, &url, "hello from nk\n").await;
     let _ = server;
 }
 
@@ -458,17 +403,7 @@ async fn stop_and_remove_are_idempotent_and_leave_nothing_behind() {
             .await
             .unwrap();
     }
-    let status = lab
-        .runtime
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = lab.sandbox_status(&pod).await;
     assert_eq!(status.state, cri::PodSandboxState::SandboxNotready as i32);
     let idle = lab.container_status(&idle).await;
     assert_eq!(idle.state, cri::ContainerState::ContainerExited as i32);
@@ -484,13 +419,7 @@ async fn stop_and_remove_are_idempotent_and_leave_nothing_behind() {
             .await
             .unwrap();
     }
-    let pods = lab
-        .runtime
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(pods.items.is_empty());
+    assert!(lab.list_pods().await.is_empty());
     let containers = lab
         .runtime
         .list_containers(cri::ListContainersRequest { filter: None })
@@ -505,15 +434,8 @@ async fn stop_and_remove_are_idempotent_and_leave_nothing_behind() {
         lab.leftover_mounts()
     );
     assert!(lab.cgroup_pids().is_empty(), "pause and containers gone");
-    let ips: Vec<_> = std::fs::read_dir(lab.path("ipam/nk-test"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    assert!(
-        ips.iter().all(|n| !n.to_string_lossy().starts_with("10.")),
-        "addresses released: {ips:?}"
-    );
+    let held = lab.held_addresses();
+    assert!(held.is_empty(), "addresses released: {held:?}");
 }
 
 #[tokio::test]
@@ -644,23 +566,10 @@ async fn cni_add_failure_rolls_back_everything() {
         err.message().contains("nk-fail refuses this pod"),
         "plugin message surfaces: {err}"
     );
-    let pods = lab
-        .runtime
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(pods.items.is_empty());
+    assert!(lab.list_pods().await.is_empty());
     assert!(lab.leftover_netns().is_empty(), "netns removed");
     assert!(lab.cgroup_pids().is_empty(), "no pause left");
-    let held: Vec<_> = std::fs::read_dir(lab.path("ipam/nk-test"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("10."))
-                .collect()
-        })
-        .unwrap_or_default();
+    let held = lab.held_addresses();
     assert!(
         held.is_empty(),
         "bridge's address released by DEL: {held:?}"
@@ -694,17 +603,9 @@ async fn a_restarted_shim_finds_running_sandboxes_and_containers() {
     lab.kill_shim();
     lab.start_shim().await;
 
-    let pods = lab
-        .runtime
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(pods.items.len(), 1);
-    assert_eq!(
-        pods.items[0].state,
-        cri::PodSandboxState::SandboxReady as i32
-    );
+    let pods = lab.list_pods().await;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].state, cri::PodSandboxState::SandboxReady as i32);
     let s = lab.container_status(&c).await;
     assert_eq!(s.state, cri::ContainerState::ContainerRunning as i32);
     let out = lab.exec(&c, &["echo", "still here"], 5).await.unwrap();
@@ -813,17 +714,7 @@ async fn host_network_pods_skip_cni_and_share_the_node_namespace() {
         lab.leftover_netns().is_empty(),
         "no pod netns for hostNetwork"
     );
-    let status = lab
-        .runtime
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = lab.sandbox_status(&pod).await;
     assert_eq!(status.network.unwrap().ip, "");
     let req = cri::CreateContainerRequest {
         pod_sandbox_id: pod.clone(),

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Lab, LabOptions};
+use common::{image_spec, Lab, LabOptions};
 use nodekit_conformance::cri::lab::REGISTRY;
 use nodekit_proto::cri::v1 as cri;
 use tonic::Code;
@@ -13,17 +13,10 @@ use tonic::Code;
 const MIRRORED: &str = "registry.k8s.io/nk/busybox:1";
 const MIRRORED_PAUSE: &str = "registry.k8s.io/nk/pause:1";
 
-fn image(name: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: name.into(),
-        ..Default::default()
-    })
-}
-
 async fn pull(lab: &mut Lab, name: &str) -> Result<String, tonic::Status> {
     lab.images
         .pull_image(cri::PullImageRequest {
-            image: image(name),
+            image: image_spec(name),
             ..Default::default()
         })
         .await
@@ -62,17 +55,7 @@ async fn registry_k8s_io_is_pulled_through_the_second_mirror_when_the_first_is_d
     let id = pull(&mut lab, MIRRORED)
         .await
         .unwrap_or_else(|e| panic!("PullImage {MIRRORED}: {e}\n{}", lab.shim_log()));
-    let status = lab
-        .images
-        .image_status(cri::ImageStatusRequest {
-            image: image(MIRRORED),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .image
-        .unwrap();
+    let status = lab.image_status(MIRRORED).await.unwrap();
     assert_eq!(status.id, id);
     assert_eq!(status.repo_tags, [MIRRORED], "recorded under its own name");
     assert!(
@@ -96,24 +79,13 @@ async fn registry_k8s_io_is_pulled_through_the_second_mirror_when_the_first_is_d
     let config = cri::CreateContainerRequest {
         pod_sandbox_id: pod.clone(),
         config: Some(cri::ContainerConfig {
-            image: image(MIRRORED),
+            image: image_spec(MIRRORED),
             ..lab.container_config("c", &["sh", "-c", "echo mirrored"])
         }),
         sandbox_config: Some(lab.sandbox_config("mirrored")),
     };
-    let c = lab
-        .runtime
-        .create_container(config)
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
-    lab.runtime
-        .start_container(cri::StartContainerRequest {
-            container_id: c.clone(),
-        })
-        .await
-        .unwrap();
+    let c = lab.create_container_with(config).await;
+    lab.start_container(&c).await;
     assert_eq!(lab.wait_exited(&c).await.exit_code, 0);
     lab.runtime
         .remove_pod_sandbox(cri::RemovePodSandboxRequest {

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::{Lab, LabOptions};
 use nodekit_conformance::cri::lab::{ABSENT_IMAGE, PAUSE_IMAGE};
 use nodekit_proto::cri::v1 as cri;
@@ -36,13 +34,6 @@ fn entries(path: std::path::PathBuf) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn held_addresses(lab: &Lab) -> Vec<String> {
-    entries(lab.path("ipam/nk-test"))
-        .into_iter()
-        .filter(|n| n.starts_with("10."))
-        .collect()
-}
-
 #[tokio::test]
 async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
     let mut lab = Lab::start(LabOptions::default()).await;
@@ -50,19 +41,10 @@ async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
     lab.pull().await;
     let web = lab.run_pod("web").await;
     let client = lab.run_pod("client").await;
-    let pulled = lab
-        .images
-        .image_status(cri::ImageStatusRequest {
-            image: Some(cri::ImageSpec {
-                image: PAUSE_IMAGE.into(),
-                ..Default::default()
-            }),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(pulled.image.is_some(), "the pause image was pulled");
+    assert!(
+        lab.image_status(PAUSE_IMAGE).await.is_some(),
+        "the pause image was pulled"
+    );
     let mut known = lab.leftover_runtime_containers();
     known.sort();
     let mut pods = vec![web.clone(), client.clone()];
@@ -96,14 +78,7 @@ async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
         "in the sandbox's cgroup: {cgroup}"
     );
 
-    let server = lab
-        .run_container(
-            &web,
-            "web",
-            "httpd",
-            &["httpd", "-f", "-p", "8080", "-h", "/www"],
-        )
-        .await;
+    let server = lab.run_httpd(&web, "web").await;
     let sidecar = lab
         .run_container(&web, "web", "sidecar", &["sleep", "3600"])
         .await;
@@ -131,22 +106,7 @@ async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
         .run_container(&client, "client", "probe", &["sleep", "3600"])
         .await;
     let url = format!("http://{web_ip}:8080/index.html");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = lab
-            .exec(&probe, &["wget", "-q", "-O", "-", &url], 5)
-            .await
-            .unwrap();
-        if got.exit_code == 0 {
-            assert_eq!(String::from_utf8_lossy(&got.stdout), "hello from nk\n");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "client cannot reach {url}: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    lab.expect_http(&probe, &url, "hello from nk\n").await;
 
     lab.kill_shim();
     lab.start_shim().await;
@@ -192,7 +152,7 @@ async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
     assert!(lab.cgroup_pids().is_empty(), "sandbox containers gone");
     assert!(entries(lab.path("state/sandboxes")).is_empty());
     assert!(entries(lab.path("root/sandboxes")).is_empty());
-    assert!(held_addresses(&lab).is_empty(), "addresses released");
+    assert!(lab.held_addresses().is_empty(), "addresses released");
 }
 
 #[tokio::test]
@@ -212,19 +172,13 @@ async fn an_unpullable_pause_image_fails_run_pod_sandbox_and_leaves_nothing() {
         err.message().contains("pause image") && err.message().contains(ABSENT_IMAGE),
         "names the pause image: {err}"
     );
-    let pods = lab
-        .runtime
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(pods.items.is_empty());
+    assert!(lab.list_pods().await.is_empty());
     assert!(lab.leftover_netns().is_empty());
     assert!(lab.leftover_runtime_containers().is_empty());
     assert!(lab.leftover_mounts().is_empty());
     assert!(lab.cgroup_pids().is_empty());
     assert!(entries(lab.path("state/sandboxes")).is_empty());
-    assert!(held_addresses(&lab).is_empty());
+    assert!(lab.held_addresses().is_empty());
 
     // The name is free once a pause image can be pulled.
     lab.restart_shim_with(&["--pause-image", PAUSE_IMAGE]).await;

@@ -22,6 +22,14 @@ pub mod apiserver;
 /// A CNI plugin (in the lab's CNI bin dir) that refuses every ADD with code 11.
 const FAIL_PLUGIN: &str = "#!/bin/sh\ncat >/dev/null\n[ \"$CNI_COMMAND\" = ADD ] || exit 0\necho '{\"cniVersion\":\"1.0.0\",\"code\":11,\"msg\":\"nk-fail refuses this pod\"}'\nexit 1\n";
 
+/// An ImageSpec naming `name`.
+pub fn image_spec(name: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec {
+        image: name.into(),
+        ..Default::default()
+    })
+}
+
 pub struct Lab {
     pub runtime: RuntimeServiceClient<Channel>,
     pub images: ImageServiceClient<Channel>,
@@ -171,13 +179,28 @@ impl Lab {
         command: &[&str],
     ) -> String {
         let id = self.create_container(pod, pod_name, name, command).await;
+        self.start_container(&id).await;
+        id
+    }
+
+    /// Runs busybox httpd on port 8080 serving `/www` (`hello from nk\n` at `/index.html`).
+    pub async fn run_httpd(&mut self, pod: &str, pod_name: &str) -> String {
+        self.run_container(
+            pod,
+            pod_name,
+            "httpd",
+            &["httpd", "-f", "-p", "8080", "-h", "/www"],
+        )
+        .await
+    }
+
+    pub async fn start_container(&mut self, id: &str) {
         self.runtime
             .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
+                container_id: id.into(),
             })
             .await
             .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", self.shim_log()));
-        id
     }
 
     pub async fn create_container(
@@ -192,6 +215,10 @@ impl Lab {
             config: Some(self.container_config(name, command)),
             sandbox_config: Some(self.sandbox_config(pod_name)),
         };
+        self.create_container_with(req).await
+    }
+
+    pub async fn create_container_with(&mut self, req: cri::CreateContainerRequest) -> String {
         self.runtime
             .create_container(req)
             .await
@@ -224,6 +251,59 @@ impl Lab {
             .into_inner()
             .status
             .unwrap()
+    }
+
+    pub async fn image_status(&mut self, name: &str) -> Option<cri::Image> {
+        self.images
+            .image_status(cri::ImageStatusRequest {
+                image: image_spec(name),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image
+    }
+
+    pub async fn list_pods(&mut self) -> Vec<cri::PodSandbox> {
+        self.runtime
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items
+    }
+
+    /// Pod addresses host-local still holds for the lab's network.
+    pub fn held_addresses(&self) -> Vec<String> {
+        std::fs::read_dir(self.path("ipam/nk-test"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("10."))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Fetches `url` with wget in the container `probe` until it answers `body` (10 s).
+    pub async fn expect_http(&mut self, probe: &str, url: &str, body: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self
+                .exec(probe, &["wget", "-q", "-O", "-", url], 5)
+                .await
+                .unwrap();
+            if got.exit_code == 0 {
+                assert_eq!(String::from_utf8_lossy(&got.stdout), body);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{probe} cannot reach {url}: {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The host PID of the init process of the runtime (runc) container `id`.
