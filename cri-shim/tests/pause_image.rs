@@ -156,7 +156,7 @@ async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
 }
 
 #[tokio::test]
-async fn an_unpullable_pause_image_fails_run_pod_sandbox_and_leaves_nothing() {
+async fn unpullable_or_failing_pause_containers_fail_run_pod_sandbox_and_leave_nothing() {
     let mut lab = Lab::start(LabOptions::default()).await;
     lab.restart_shim_with(&["--pause-image", ABSENT_IMAGE])
         .await;
@@ -180,7 +180,40 @@ async fn an_unpullable_pause_image_fails_run_pod_sandbox_and_leaves_nothing() {
     assert!(entries(lab.path("state/sandboxes")).is_empty());
     assert!(lab.held_addresses().is_empty());
 
-    // The name is free once a pause image can be pulled.
+    // A sandbox container runc refuses (a sysctl the kernel lacks) fails after the netns,
+    // CNI ADD and rootfs mount: all of it is undone.
     lab.restart_shim_with(&["--pause-image", PAUSE_IMAGE]).await;
+    let mut config = lab.sandbox_config("doomed");
+    if let Some(linux) = config.linux.as_mut() {
+        linux.sysctls.insert("net.nk.absent".into(), "1".into());
+    }
+    let err = lab
+        .runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("/proc/sys/net/nk/absent"),
+        "runc's refusal surfaces: {err}"
+    );
+    assert!(lab.list_pods().await.is_empty());
+    assert!(lab.leftover_netns().is_empty(), "netns removed");
+    assert!(
+        lab.leftover_runtime_containers().is_empty(),
+        "runc state deleted"
+    );
+    assert!(lab.leftover_mounts().is_empty(), "rootfs unmounted");
+    assert!(lab.cgroup_pids().is_empty());
+    assert!(entries(lab.path("state/sandboxes")).is_empty());
+    assert!(entries(lab.path("root/sandboxes")).is_empty());
+    assert!(
+        lab.held_addresses().is_empty(),
+        "CNI DEL released the address"
+    );
+
+    // The name is free again.
     lab.run_pod("doomed").await;
 }
