@@ -100,16 +100,17 @@ async fn registry_k8s_io_is_pulled_through_the_second_mirror_when_the_first_is_d
 }
 
 #[tokio::test]
-async fn default_hosts_apply_to_other_registries_and_bad_files_name_the_field() {
+async fn default_hosts_respect_capabilities_and_override_path_and_bad_files_name_the_field() {
     let mut lab = Lab::start(LabOptions::default()).await;
     let certs = lab.path("certs.d");
-    // Resolve-only mirror first: it may not serve blobs, so they come from the second host.
+    // A down pull-only mirror first (asked for blobs, never to resolve the tag), then the lab
+    // registry with an override_path whose path goes on after /v2.
     hosts_toml(
         &certs,
         "_default",
         &format!(
-            "[host.\"http://{REGISTRY}/v2\"]\n  capabilities = [\"resolve\"]\n  override_path = true\n\n\
-             [host.\"http://{REGISTRY}\"]\n  capabilities = [\"pull\"]\n"
+            "[host.\"http://127.0.0.1:1\"]\n  capabilities = [\"pull\"]\n\n\
+             [host.\"http://{REGISTRY}/v2/nk\"]\n  capabilities = [\"pull\", \"resolve\"]\n  override_path = true\n"
         ),
     );
     hosts_toml(
@@ -120,9 +121,15 @@ async fn default_hosts_apply_to_other_registries_and_bad_files_name_the_field() 
     let certs_arg = certs.to_string_lossy().into_owned();
     lab.restart_shim_with(&["--registry-config-dir", &certs_arg])
         .await;
-    let via_default = pull(&mut lab, "mirror.example/nk/busybox:1")
+    let via_default = pull(&mut lab, "mirror.example/busybox:1")
         .await
         .unwrap_or_else(|e| panic!("PullImage via _default: {e}\n{}", lab.shim_log()));
+    let log = lab.shim_log();
+    assert!(
+        log.contains("127.0.0.1:1/v2/busybox/blobs/sha256:")
+            && !log.contains("127.0.0.1:1/v2/busybox/manifests/"),
+        "the pull-only mirror was asked for blobs only:\n{log}"
+    );
     assert_eq!(pull(&mut lab, common::IMAGE).await.unwrap(), via_default);
 
     let err = pull(&mut lab, "broken.example/nk/busybox:1")

@@ -2,10 +2,13 @@
 //! `/etc/containerd/certs.d`): `DIR/<host[:port]>/hosts.toml`, else `DIR/_default/hosts.toml`,
 //! lists mirrors as `[host."URL"]` tables, tried in file order, then `server` (default: the
 //! registry itself). Each host has `capabilities` (`pull`, `resolve`, `push`), `skip_verify`,
-//! `ca` (PEM files, relative to the file's directory) and `override_path` (the URL path
-//! replaces `/v2`). Only the transport changes: images keep their original names.
+//! `ca` (PEM files, relative to the file's directory), `override_path` (the URL path replaces
+//! `/v2`; it must contain a `/v2` segment), `dial_timeout` and `proxy`. `header` and `client`
+//! are refused (the registry client can send neither). Only the transport changes: images
+//! keep their original names.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use toml::{Table, Value};
 
@@ -48,6 +51,9 @@ pub struct RegistryHost {
     /// Where requests go: `host[:port][/path]` in front of `/v2/...`; `None` for the image's
     /// own registry reached the usual way (no `server` configured).
     pub base: Option<String>,
+    /// Path segments between `/v2/` and the repository (an `override_path` URL's path after
+    /// its `/v2`), empty normally.
+    pub repository_prefix: String,
     /// Plain HTTP instead of HTTPS.
     pub plain_http: bool,
     /// May serve manifests and blobs by digest.
@@ -58,31 +64,46 @@ pub struct RegistryHost {
     pub skip_verify: bool,
     /// Extra CA certificates (PEM files).
     pub ca: Vec<PathBuf>,
+    /// How long connecting may take before the next host is tried.
+    pub dial_timeout: Duration,
+    /// HTTP(S) proxy URL for this host.
+    pub proxy: Option<String>,
 }
+
+/// containerd's default `dial_timeout`.
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl RegistryHost {
     /// The image's own registry, reached as before mirrors existed.
     pub fn upstream(plain_http: bool) -> Self {
         Self {
             base: None,
+            repository_prefix: String::new(),
             plain_http,
             pull: true,
             resolve: true,
             skip_verify: false,
             ca: Vec::new(),
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
+            proxy: None,
         }
     }
 
     /// The host as a URL, for logs and errors.
     pub fn describe(&self, registry: &str) -> String {
         let scheme = if self.plain_http { "http" } else { "https" };
-        format!("{scheme}://{}", self.base.as_deref().unwrap_or(registry))
+        let base = self.base.as_deref().unwrap_or(registry);
+        match self.repository_prefix.as_str() {
+            "" => format!("{scheme}://{base}"),
+            prefix => format!("{scheme}://{base}/v2/{prefix}"),
+        }
     }
 }
 
-/// The hosts to try for `registry` (`host[:port]`, as in image names), in order. Without a
-/// config dir, or without a file for this registry or `_default`, only the upstream
-/// (`plain_http` saying how it is reached).
+/// The hosts to try for `registry` (`host[:port]`, as in image names), in order. The file is
+/// looked up as containerd does: `DIR/host_port_/`, `DIR/host:port/`, then `DIR/_default/`.
+/// Without a config dir or any of these files, only the upstream (`plain_http` saying how it
+/// is reached).
 pub fn hosts_for(
     config_dir: Option<&Path>,
     registry: &str,
@@ -91,7 +112,15 @@ pub fn hosts_for(
     let Some(dir) = config_dir else {
         return Ok(vec![RegistryHost::upstream(plain_http)]);
     };
-    for sub in [registry, "_default"] {
+    let underscored = registry
+        .rsplit_once(':')
+        .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+        .map(|(host, port)| format!("{host}_{port}_"));
+    for sub in underscored
+        .iter()
+        .map(String::as_str)
+        .chain([registry, "_default"])
+    {
         let path = dir.join(sub).join("hosts.toml");
         match std::fs::read_to_string(&path) {
             Ok(text) => return parse(&text, &path, plain_http),
@@ -180,10 +209,11 @@ fn host_entry(
         } else {
             prefix.to_string()
         };
-        let (plain_http, base) = parse_url(url, override_path)
+        let (plain_http, base, repository_prefix) = parse_url(url, override_path)
             .map_err(|reason| field_err(&url_field, format!("{url:?}: {reason}")))?;
         host.plain_http = plain_http;
         host.base = Some(base);
+        host.repository_prefix = repository_prefix;
     }
     for (key, value) in settings {
         let field = name(key);
@@ -215,15 +245,31 @@ fn host_entry(
                     host.ca.push(dir.join(p));
                 }
             }
+            ("dial_timeout", Value::String(d)) => {
+                host.dial_timeout = parse_duration(d)
+                    .ok_or_else(|| field_err(&field, format!("{d:?} is not a duration like 1s or 500ms")))?;
+            }
+            ("proxy", Value::String(proxy)) => {
+                let scheme_ok = ["http://", "https://", "socks5://", "socks5h://"]
+                    .iter()
+                    .any(|s| proxy.starts_with(s));
+                if !scheme_ok {
+                    return Err(field_err(
+                        &field,
+                        format!("{proxy:?} must be an http, https, socks5 or socks5h URL"),
+                    ));
+                }
+                host.proxy = Some(proxy.clone());
+            }
             ("override_path", _) => {}
-            ("header", _) => {
+            ("header" | "client", _) => {
                 return Err(field_err(
                     &field,
-                    "custom request headers are not supported by nodekit-cri's registry client"
+                    "not supported: nodekit-cri's registry client sends neither custom headers nor client certificates"
                         .into(),
                 ))
             }
-            ("capabilities" | "skip_verify" | "ca", _) => {
+            ("capabilities" | "skip_verify" | "ca" | "dial_timeout" | "proxy", _) => {
                 return Err(field_err(&field, format!("has the wrong type: {value:?}")))
             }
             _ => return Err(field_err(&field, "unknown field".into())),
@@ -232,9 +278,11 @@ fn host_entry(
     Ok(host)
 }
 
-/// `scheme://authority[/path]` to (plain HTTP, the base the client puts `/v2/...` after).
-/// With `override_path` the path replaces `/v2`, so it must end in `/v2`.
-fn parse_url(url: &str, override_path: bool) -> Result<(bool, String), String> {
+/// `scheme://authority[/path]` to (plain HTTP, the base the client puts `/v2/...` after, the
+/// repository prefix). Without `override_path`, `/v2` follows the path; with it, the path
+/// replaces `/v2`, and since the client always sends `/v2/<name>`, it must hold a `/v2`
+/// segment: what precedes it joins the base, what follows prefixes the repository.
+fn parse_url(url: &str, override_path: bool) -> Result<(bool, String, String), String> {
     let (plain_http, rest) = if let Some(rest) = url.strip_prefix("http://") {
         (true, rest)
     } else if let Some(rest) = url.strip_prefix("https://") {
@@ -247,15 +295,50 @@ fn parse_url(url: &str, override_path: bool) -> Result<(bool, String), String> {
     if authority.is_empty() || authority.contains(['?', '#', '@']) {
         return Err("needs a host[:port]".into());
     }
-    let path = if override_path {
-        path.strip_suffix("/v2").ok_or_else(|| {
-            "with override_path the path must end in /v2 (the client appends /v2/<name>/...)"
-                .to_string()
-        })?
-    } else {
-        path
-    };
-    Ok((plain_http, format!("{authority}{path}")))
+    if !override_path {
+        return Ok((plain_http, format!("{authority}{path}"), String::new()));
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    let v2 = segments.iter().rposition(|s| *s == "v2").ok_or_else(|| {
+        "with override_path the path must hold a /v2 segment (the client always sends /v2/<name>)"
+            .to_string()
+    })?;
+    Ok((
+        plain_http,
+        format!("{authority}{}", segments[..v2].join("/")),
+        segments[v2 + 1..].join("/"),
+    ))
+}
+
+/// A Go duration as containerd reads `dial_timeout`: `1s`, `500ms`, `1m30s`.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += Duration::try_from_secs_f64(value * seconds).ok()?;
+    }
+    Some(total)
 }
 
 #[cfg(test)]
@@ -268,8 +351,7 @@ mod tests {
             plain_http,
             pull,
             resolve,
-            skip_verify: false,
-            ca: vec![],
+            ..RegistryHost::upstream(plain_http)
         }
     }
 
@@ -288,6 +370,11 @@ server = "https://registry.k8s.io"
 
 [host."http://a.lan:5000/v2"]
   override_path = true
+
+[host."https://odd.lan/api/v2/upstream/"]
+  override_path = true
+  dial_timeout = "1m500ms"
+  proxy = "http://proxy.lan:3128"
 "#;
         let hosts = parse(
             text,
@@ -301,12 +388,18 @@ server = "https://registry.k8s.io"
             "/etc/certs.d/registry.k8s.io/ca.pem".into(),
             "/etc/other.pem".into(),
         ];
+        let mut odd = mirror("odd.lan/api", false, true, true);
+        odd.repository_prefix = "upstream".into();
+        odd.dial_timeout = Duration::from_millis(60_500);
+        odd.proxy = Some("http://proxy.lan:3128".into());
+        assert_eq!(odd.describe("x"), "https://odd.lan/api/v2/upstream");
         assert_eq!(
             hosts,
             vec![
                 mirror("127.0.0.1:5001", true, true, true),
                 cached,
                 mirror("a.lan:5000", true, true, true),
+                odd,
                 mirror("registry.k8s.io", false, true, true),
             ]
         );
@@ -341,6 +434,12 @@ server = "https://registry.k8s.io"
                 "host.\"http://m/x\"",
             ),
             ("[host.\"http://m\"]\nheader = {a = \"b\"}\n", "header"),
+            ("[host.\"http://m\"]\nclient = \"c.pem\"\n", "client"),
+            (
+                "[host.\"http://m\"]\ndial_timeout = \"soon\"\n",
+                "dial_timeout",
+            ),
+            ("proxy = \"ftp://p\"\n", "proxy"),
             ("server = 3\n", "server"),
             ("skip_verify = \"yes\"\n", "skip_verify"),
             ("mirrors = []\n", "mirrors"),
@@ -369,6 +468,14 @@ server = "https://registry.k8s.io"
         );
         write("_default", "[host.\"http://default:1\"]\n");
         write("127.0.0.1:5000", "server = \"http://127.0.0.1:5000\"\n");
+        write("10.0.0.1_5000_", "server = \"http://first:1\"\n");
+        write("10.0.0.1:5000", "server = \"http://second:1\"\n");
+        let hosts = hosts_for(Some(dir.path()), "10.0.0.1:5000", false).unwrap();
+        assert_eq!(
+            hosts[0].base.as_deref(),
+            Some("first:1"),
+            "host_port_ first"
+        );
         let hosts = hosts_for(Some(dir.path()), "registry.k8s.io", false).unwrap();
         assert_eq!(hosts[0].base.as_deref(), Some("default:1"));
         let hosts = hosts_for(Some(dir.path()), "127.0.0.1:5000", true).unwrap();

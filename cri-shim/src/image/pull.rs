@@ -7,7 +7,6 @@
 use std::net::IpAddr;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
@@ -29,10 +28,6 @@ pub struct PullOptions {
     /// containerd's `config_path`: `DIR/<host>/hosts.toml` mirrors (see [`hosts`]).
     pub registry_config_dir: Option<PathBuf>,
 }
-
-/// How long connecting to one registry host may take before the next is tried
-/// (containerd's default dial timeout).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Installs the process-wide rustls crypto provider (ring) once; oci-client's HTTP client
 /// needs one before it is built.
@@ -154,10 +149,12 @@ fn endpoints(reference: &Reference, opts: &PullOptions) -> Result<Vec<Endpoint>,
                 },
                 accept_invalid_certificates: host.skip_verify,
                 extra_root_certificates,
-                connect_timeout: Some(CONNECT_TIMEOUT),
+                connect_timeout: Some(host.dial_timeout),
+                http_proxy: host.proxy.clone(),
+                https_proxy: host.proxy.clone(),
                 ..Default::default()
             });
-            let mut mirrored = reference.clone();
+            let mut mirrored = with_repository_prefix(reference, &host.repository_prefix);
             if let Some(base) = host.base.as_deref().filter(|b| *b != registry) {
                 mirrored.set_mirror_registry(base.to_string());
             }
@@ -169,6 +166,22 @@ fn endpoints(reference: &Reference, opts: &PullOptions) -> Result<Vec<Endpoint>,
             })
         })
         .collect()
+}
+
+/// `reference` with `prefix/` in front of its repository (an `override_path` host's path).
+fn with_repository_prefix(reference: &Reference, prefix: &str) -> Reference {
+    if prefix.is_empty() {
+        return reference.clone();
+    }
+    let registry = reference.registry().to_string();
+    let repository = format!("{prefix}/{}", reference.repository());
+    match (reference.tag(), reference.digest()) {
+        (Some(tag), Some(digest)) => {
+            Reference::with_tag_and_digest(registry, repository, tag.into(), digest.into())
+        }
+        (None, Some(digest)) => Reference::with_digest(registry, repository, digest.into()),
+        (tag, None) => Reference::with_tag(registry, repository, tag.unwrap_or("latest").into()),
+    }
 }
 
 /// The failures of one request tried host after host. Like containerd, any failure moves
