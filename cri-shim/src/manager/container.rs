@@ -18,6 +18,7 @@ use crate::error::CriError;
 use crate::monitor::ExitRecord;
 use crate::oci::spec::{self, SandboxFiles, SpecInput};
 use crate::oci::user;
+use crate::process::ProcessRef;
 use crate::runtime::{CreateParams, ExecOutput, RuntimeError};
 use crate::store::{self, StoreError};
 
@@ -112,6 +113,20 @@ pub(super) fn unmount_rootfs(root: &Path) -> Result<(), CriError> {
     match umount2(&rootfs, MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
         Err(e) => Err(mount_err("unmounting", &rootfs)(e)),
+    }
+}
+
+/// Gives a deleted container's monitor up to 2 s to record the exit and leave, then kills
+/// it, so nothing writes into the container's directories once they are removed.
+pub(super) async fn finish_monitor(monitor: Option<ProcessRef>) {
+    if let Some(m) = monitor {
+        for _ in 0..100 {
+            if !m.is_alive() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        m.signal(Signal::SIGKILL);
     }
 }
 
@@ -354,7 +369,7 @@ impl Manager {
             })
             .await?;
         rec.pid = pid;
-        rec.monitor = crate::process::ProcessRef::of(monitor_pid as i32);
+        rec.monitor = ProcessRef::of(monitor_pid as i32);
         rec.phase = ContainerPhase::Created;
         self.save_container(rec)
     }
@@ -483,15 +498,7 @@ impl Manager {
     /// Removes the container's runtime state, rootfs mount, directories, record and name.
     pub(super) async fn destroy_container(&self, rec: &ContainerRecord) -> Result<(), CriError> {
         self.runtime.delete(&rec.id).await?;
-        if let Some(m) = rec.monitor {
-            for _ in 0..100 {
-                if !m.is_alive() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            m.signal(Signal::SIGKILL);
-        }
+        finish_monitor(rec.monitor).await;
         unmount_rootfs(&self.container_root_dir(&rec.id))?;
         store::remove_dir_all(&self.container_root_dir(&rec.id))?;
         store::remove_dir_all(&self.container_state_dir(&rec.id))?;
@@ -602,7 +609,7 @@ impl Manager {
         in_use.extend(
             lock(&self.sandboxes)
                 .values()
-                .filter_map(|s| s.pause_image.as_ref())
+                .filter_map(|s| s.sandbox_container.as_ref())
                 .flat_map(|p| p.chain_ids.clone()),
         );
         in_use

@@ -170,7 +170,7 @@ impl Manager {
             ips: vec![],
             cni: None,
             cgroup: None,
-            pause_image: None,
+            sandbox_container: None,
         };
         let result = self
             .set_up_sandbox(&mut rec, network, pause_image.as_ref())
@@ -284,7 +284,7 @@ impl Manager {
             rec.cgroup = Some(cgroup.clone());
             self.save_sandbox(rec)?;
             // The runtime put a sandbox container in its cgroup already.
-            if rec.pause_image.is_none() {
+            if rec.sandbox_container.is_none() {
                 self.cgroups.enter(&cgroup, holder.pid as u32)?;
             }
         }

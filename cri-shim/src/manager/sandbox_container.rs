@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use oci_client::secrets::RegistryAuth;
 
-use super::container::{mkdirs, mount_rootfs, unmount_rootfs, write_bundle};
-use super::records::{PauseImage, SandboxRecord};
+use super::container::{finish_monitor, mkdirs, mount_rootfs, unmount_rootfs, write_bundle};
+use super::records::{SandboxContainer, SandboxRecord};
 use super::Manager;
 use crate::error::CriError;
 use crate::image::{pull, ImageError, ImageRecord};
@@ -61,9 +61,10 @@ impl Manager {
         hostname: Option<&str>,
         cgroups_path: String,
     ) -> Result<ProcessRef, CriError> {
-        rec.pause_image = Some(PauseImage {
-            id: image.id.clone(),
+        rec.sandbox_container = Some(SandboxContainer {
+            image_id: image.id.clone(),
             chain_ids: image.chain_ids.clone(),
+            monitor: None,
         });
         self.save_sandbox(rec)?;
         let dir = self.sandbox_dir(&rec.id);
@@ -94,7 +95,7 @@ impl Manager {
             oom_score_adj_floor: super::container::oom_score_adj_floor(),
         })?;
         write_bundle(&bundle, &spec)?;
-        let (pid, _monitor) = self
+        let (pid, monitor_pid) = self
             .runtime
             .create(&CreateParams {
                 id: &rec.id,
@@ -104,6 +105,10 @@ impl Manager {
                 memory_cgroup: None,
             })
             .await?;
+        if let Some(container) = rec.sandbox_container.as_mut() {
+            container.monitor = ProcessRef::of(monitor_pid as i32);
+        }
+        self.save_sandbox(rec)?;
         self.runtime.start(&rec.id).await?;
         ProcessRef::of(pid).ok_or_else(|| {
             RuntimeError::Failed {
@@ -115,16 +120,17 @@ impl Manager {
         })
     }
 
-    /// Removes the sandbox container's runtime state, rootfs mount and directory (the caller
-    /// killed its process); converges, and does nothing for `nodekit-pause` sandboxes.
+    /// Removes the sandbox container's runtime state, monitor, rootfs mount and directory (the
+    /// caller killed its process); converges, and does nothing for `nodekit-pause` sandboxes.
     pub(super) async fn remove_sandbox_container(
         &self,
         rec: &SandboxRecord,
     ) -> Result<(), CriError> {
-        if rec.pause_image.is_none() {
+        let Some(container) = &rec.sandbox_container else {
             return Ok(());
-        }
+        };
         self.runtime.delete(&rec.id).await?;
+        finish_monitor(container.monitor).await;
         let root = self.sandbox_root_dir(&rec.id);
         unmount_rootfs(&root)?;
         Ok(store::remove_dir_all(&root)?)
