@@ -691,65 +691,7 @@ async fn a_process_that_cannot_start_leaves_no_runtime_state() {
 #[tokio::test]
 async fn host_network_pods_skip_cni_and_share_the_node_namespace() {
     let mut lab = Lab::start(LabOptions::default()).await;
-    lab.pull().await;
-    let mut config = lab.sandbox_config("hostnet");
-    config.linux.as_mut().unwrap().security_context = Some(cri::LinuxSandboxSecurityContext {
-        namespace_options: Some(cri::NamespaceOption {
-            network: cri::NamespaceMode::Node as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    let pod = lab
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pod_sandbox_id;
-    assert!(
-        lab.leftover_netns().is_empty(),
-        "no pod netns for hostNetwork"
-    );
-    let status = lab.sandbox_status(&pod).await;
-    assert_eq!(status.network.unwrap().ip, "");
-    let req = cri::CreateContainerRequest {
-        pod_sandbox_id: pod.clone(),
-        config: Some(lab.container_config("c", &["sleep", "3600"])),
-        sandbox_config: Some(config),
-    };
-    let c = lab
-        .runtime
-        .create_container(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
-    lab.runtime
-        .start_container(cri::StartContainerRequest {
-            container_id: c.clone(),
-        })
-        .await
-        .unwrap();
-    // The registry listens on the node namespace's loopback: reachable only from there.
-    let got = lab
-        .exec(
-            &c,
-            &["wget", "-q", "-O", "-", "http://127.0.0.1:5000/v2/"],
-            5,
-        )
-        .await
-        .unwrap();
-    assert_eq!(got.exit_code, 0, "{got:?}");
-    let host = nix::unistd::gethostname()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let name = lab.exec(&c, &["hostname"], 5).await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&name.stdout).trim(), host);
+    let pod = lab.run_host_network_pod().await;
     lab.runtime
         .remove_pod_sandbox(cri::RemovePodSandboxRequest {
             pod_sandbox_id: pod,

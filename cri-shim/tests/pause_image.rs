@@ -217,3 +217,31 @@ async fn unpullable_or_failing_pause_containers_fail_run_pod_sandbox_and_leave_n
     // The name is free again.
     lab.run_pod("doomed").await;
 }
+
+#[tokio::test]
+async fn host_network_pause_containers_keep_the_node_network_and_hostname() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.restart_shim_with(&["--pause-image", PAUSE_IMAGE]).await;
+    let pod = lab.run_host_network_pod().await;
+    let (pause, shim) = (lab.runc_pid(&pod), lab.runtime_pid().unwrap());
+    for kind in ["net", "uts"] {
+        assert_eq!(
+            ns(pause, kind),
+            ns(shim, kind),
+            "the node's {kind} namespace"
+        );
+    }
+    assert_ne!(
+        ns(pause, "ipc"),
+        ns(shim, "ipc"),
+        "still its own IPC namespace"
+    );
+    lab.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+    assert!(lab.leftover_runtime_containers().is_empty());
+    assert!(lab.leftover_mounts().is_empty());
+}

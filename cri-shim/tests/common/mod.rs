@@ -306,6 +306,62 @@ impl Lab {
         }
     }
 
+    /// Runs a hostNetwork pod with one `sleep` container and checks it has the node's network
+    /// (no pod netns or IP; the registry on the node's loopback answers) and hostname.
+    /// Returns the pod ID.
+    pub async fn run_host_network_pod(&mut self) -> String {
+        self.pull().await;
+        let mut config = self.sandbox_config("hostnet");
+        config.linux.as_mut().unwrap().security_context = Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                network: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let pod = self
+            .runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.shim_log()))
+            .into_inner()
+            .pod_sandbox_id;
+        assert!(
+            self.leftover_netns().is_empty(),
+            "no pod netns for hostNetwork"
+        );
+        let status = self.sandbox_status(&pod).await;
+        assert_eq!(status.network.unwrap().ip, "");
+        let c = self
+            .create_container_with(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(self.container_config("c", &["sleep", "3600"])),
+                sandbox_config: Some(config),
+            })
+            .await;
+        self.start_container(&c).await;
+        // The registry listens on the node namespace's loopback: reachable only from there.
+        let got = self
+            .exec(
+                &c,
+                &["wget", "-q", "-O", "-", "http://127.0.0.1:5000/v2/"],
+                5,
+            )
+            .await
+            .unwrap();
+        assert_eq!(got.exit_code, 0, "{got:?}");
+        let host = nix::unistd::gethostname()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let name = self.exec(&c, &["hostname"], 5).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&name.stdout).trim(), host);
+        pod
+    }
+
     /// The host PID of the init process of the runtime (runc) container `id`.
     pub fn runc_pid(&self, id: &str) -> i32 {
         let out = std::process::Command::new(nodekit_conformance::cri::lab::RUNC)
