@@ -427,15 +427,7 @@ async fn stop_and_remove_are_idempotent_and_leave_nothing_behind() {
         .unwrap()
         .into_inner();
     assert!(containers.containers.is_empty());
-    assert!(lab.leftover_runtime_containers().is_empty());
-    assert!(
-        lab.leftover_mounts().is_empty(),
-        "{:?}",
-        lab.leftover_mounts()
-    );
-    assert!(lab.cgroup_pids().is_empty(), "pause and containers gone");
-    let held = lab.held_addresses();
-    assert!(held.is_empty(), "addresses released: {held:?}");
+    lab.assert_nothing_left();
 }
 
 #[tokio::test]
@@ -443,26 +435,12 @@ async fn bad_requests_name_the_field_and_unknown_ids_are_not_found() {
     let mut lab = Lab::start(LabOptions::default()).await;
     let mut no_meta = lab.sandbox_config("bad");
     no_meta.metadata = None;
-    let err = lab
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(no_meta),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let err = lab.run_pod_with(no_meta).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("config.metadata"), "{err}");
     let mut no_name = lab.sandbox_config("bad");
     no_name.metadata.as_mut().unwrap().name.clear();
-    let err = lab
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(no_name),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let err = lab.run_pod_with(no_name).await.unwrap_err();
     assert!(
         err.code() == Code::InvalidArgument && err.message().contains("config.metadata.name"),
         "{err}"
@@ -554,14 +532,7 @@ async fn cni_add_failure_rolls_back_everything() {
     })
     .await;
     let config = lab.sandbox_config("doomed");
-    let err = lab
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let err = lab.run_pod_with(config).await.unwrap_err();
     assert!(
         err.message().contains("nk-fail refuses this pod"),
         "plugin message surfaces: {err}"

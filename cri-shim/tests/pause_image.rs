@@ -143,16 +143,9 @@ async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
             .await
             .unwrap();
     }
-    assert!(lab.leftover_runtime_containers().is_empty());
-    assert!(
-        lab.leftover_mounts().is_empty(),
-        "{:?}",
-        lab.leftover_mounts()
-    );
-    assert!(lab.cgroup_pids().is_empty(), "sandbox containers gone");
+    lab.assert_nothing_left();
     assert!(entries(lab.path("state/sandboxes")).is_empty());
     assert!(entries(lab.path("root/sandboxes")).is_empty());
-    assert!(lab.held_addresses().is_empty(), "addresses released");
 }
 
 #[tokio::test]
@@ -161,11 +154,7 @@ async fn unpullable_or_failing_pause_containers_fail_run_pod_sandbox_and_leave_n
     lab.restart_shim_with(&["--pause-image", ABSENT_IMAGE])
         .await;
     let err = lab
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(lab.sandbox_config("doomed")),
-            runtime_handler: String::new(),
-        })
+        .run_pod_with(lab.sandbox_config("doomed"))
         .await
         .unwrap_err();
     assert!(
@@ -173,12 +162,8 @@ async fn unpullable_or_failing_pause_containers_fail_run_pod_sandbox_and_leave_n
         "names the pause image: {err}"
     );
     assert!(lab.list_pods().await.is_empty());
-    assert!(lab.leftover_netns().is_empty());
-    assert!(lab.leftover_runtime_containers().is_empty());
-    assert!(lab.leftover_mounts().is_empty());
-    assert!(lab.cgroup_pids().is_empty());
+    lab.assert_nothing_left();
     assert!(entries(lab.path("state/sandboxes")).is_empty());
-    assert!(lab.held_addresses().is_empty());
 
     // A sandbox container runc refuses (a sysctl the kernel lacks) fails after the netns,
     // CNI ADD and rootfs mount: all of it is undone.
@@ -187,32 +172,16 @@ async fn unpullable_or_failing_pause_containers_fail_run_pod_sandbox_and_leave_n
     if let Some(linux) = config.linux.as_mut() {
         linux.sysctls.insert("net.nk.absent".into(), "1".into());
     }
-    let err = lab
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let err = lab.run_pod_with(config).await.unwrap_err();
     assert!(
         err.message().contains("/proc/sys/net/nk/absent"),
         "runc's refusal surfaces: {err}"
     );
     assert!(lab.list_pods().await.is_empty());
-    assert!(lab.leftover_netns().is_empty(), "netns removed");
-    assert!(
-        lab.leftover_runtime_containers().is_empty(),
-        "runc state deleted"
-    );
-    assert!(lab.leftover_mounts().is_empty(), "rootfs unmounted");
-    assert!(lab.cgroup_pids().is_empty());
+    // netns, runc state, rootfs mount, CNI address: all undone.
+    lab.assert_nothing_left();
     assert!(entries(lab.path("state/sandboxes")).is_empty());
     assert!(entries(lab.path("root/sandboxes")).is_empty());
-    assert!(
-        lab.held_addresses().is_empty(),
-        "CNI DEL released the address"
-    );
 
     // The name is free again.
     lab.run_pod("doomed").await;
@@ -242,6 +211,5 @@ async fn host_network_pause_containers_keep_the_node_network_and_hostname() {
         })
         .await
         .unwrap();
-    assert!(lab.leftover_runtime_containers().is_empty());
-    assert!(lab.leftover_mounts().is_empty());
+    lab.assert_nothing_left();
 }

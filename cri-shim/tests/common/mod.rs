@@ -159,15 +159,23 @@ impl Lab {
 
     pub async fn run_pod(&mut self, name: &str) -> String {
         let config = self.sandbox_config(name);
+        self.run_pod_with(config)
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.shim_log()))
+    }
+
+    /// RunPodSandbox with `config` and the default handler.
+    pub async fn run_pod_with(
+        &mut self,
+        config: cri::PodSandboxConfig,
+    ) -> Result<String, tonic::Status> {
         self.runtime
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(config),
                 runtime_handler: String::new(),
             })
             .await
-            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.shim_log()))
-            .into_inner()
-            .pod_sandbox_id
+            .map(|r| r.into_inner().pod_sandbox_id)
     }
 
     /// Creates and starts a container; returns its ID.
@@ -274,6 +282,23 @@ impl Lab {
             .items
     }
 
+    /// Asserts that nothing pods or containers made is left: no pod netns, runc state, mount
+    /// under the lab, process in the lab's cgroups or held address.
+    pub fn assert_nothing_left(&self) {
+        assert!(
+            self.leftover_netns().is_empty(),
+            "{:?}",
+            self.leftover_netns()
+        );
+        let runc = self.leftover_runtime_containers();
+        assert!(runc.is_empty(), "runc state left: {runc:?}");
+        let mounts = self.leftover_mounts();
+        assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+        assert!(self.cgroup_pids().is_empty(), "processes left");
+        let held = self.held_addresses();
+        assert!(held.is_empty(), "addresses still held: {held:?}");
+    }
+
     /// Pod addresses host-local still holds for the lab's network.
     pub fn held_addresses(&self) -> Vec<String> {
         std::fs::read_dir(self.path("ipam/nk-test"))
@@ -320,15 +345,9 @@ impl Lab {
             ..Default::default()
         });
         let pod = self
-            .runtime
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: String::new(),
-            })
+            .run_pod_with(config.clone())
             .await
-            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.shim_log()))
-            .into_inner()
-            .pod_sandbox_id;
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.shim_log()));
         assert!(
             self.leftover_netns().is_empty(),
             "no pod netns for hostNetwork"
