@@ -146,6 +146,12 @@ impl Hierarchies {
         !self.v1.is_empty()
     }
 
+    /// The cgroup2 mount of a hybrid host (v1 controllers plus a unified mount), which crun
+    /// refuses to run beside.
+    pub fn hybrid_unified(&self) -> Option<&Path> {
+        self.unified.as_deref().filter(|_| self.is_v1())
+    }
+
     /// Every distinct hierarchy mount point (v1 ones and the unified one).
     fn mounts(&self) -> Vec<&Path> {
         let mut all: Vec<&Path> = self.v1.values().map(PathBuf::as_path).collect();

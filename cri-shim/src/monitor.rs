@@ -16,6 +16,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use nodekit_nsutil::mountns::{hide_mounts_in_child, HiddenMount};
 use serde::{Deserialize, Serialize};
 
 use crate::logs::{LogWriter, Stream};
@@ -72,6 +73,9 @@ pub struct MonitorArgs {
     /// The container's memory cgroup directory, read for the OOM-kill counter.
     #[arg(long)]
     pub memory_cgroup: Option<PathBuf>,
+    /// A mount the runtime must not see (crun on hybrid cgroup hosts: the cgroup2 mount).
+    #[arg(long)]
+    pub hide_mount: Vec<PathBuf>,
 }
 
 /// The monitor failed before the container existed (reported to the shim) or while watching
@@ -166,7 +170,14 @@ fn create(args: &MonitorArgs) -> Result<(i32, OwnedFd, OwnedFd), MonitorError> {
     let pid_file = args.bundle.join("init.pid");
     let runtime_log = args.bundle.join("runtime.log");
     let _ = std::fs::remove_file(&runtime_log);
-    let status = Command::new(&args.runtime)
+    let mut cmd = Command::new(&args.runtime);
+    let hidden = args
+        .hide_mount
+        .iter()
+        .filter_map(|m| HiddenMount::find(m).ok().flatten())
+        .collect::<Vec<_>>();
+    hide_mounts_in_child(&mut cmd, &hidden);
+    let status = cmd
         .arg("--root")
         .arg(&args.runtime_root)
         .arg("--log")

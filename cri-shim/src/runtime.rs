@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use nodekit_nsutil::mountns::{hide_mounts_in_child, HiddenMount};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
@@ -81,6 +82,7 @@ pub struct OciRuntime {
     binary: PathBuf,
     root: PathBuf,
     monitor: PathBuf,
+    hidden_mounts: Vec<HiddenMount>,
 }
 
 /// Parameters of one `create`.
@@ -99,18 +101,28 @@ pub struct CreateParams<'a> {
 }
 
 impl OciRuntime {
-    /// A runtime at `binary` keeping its state in `root`, with `monitor` as the monitor.
-    pub fn new(binary: PathBuf, root: PathBuf, monitor: PathBuf) -> Self {
+    /// A runtime at `binary` keeping its state in `root`, with `monitor` as the monitor;
+    /// every runtime process starts in a mount namespace without `hidden_mounts`.
+    pub fn new(
+        binary: PathBuf,
+        root: PathBuf,
+        monitor: PathBuf,
+        hidden_mounts: Vec<HiddenMount>,
+    ) -> Self {
         Self {
             binary,
             root,
             monitor,
+            hidden_mounts,
         }
     }
 
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--root").arg(&self.root).kill_on_drop(true);
+        if !self.hidden_mounts.is_empty() {
+            hide_mounts_in_child(cmd.as_std_mut(), &self.hidden_mounts);
+        }
         cmd
     }
 
@@ -166,6 +178,9 @@ impl OciRuntime {
         }
         if let Some(mem) = p.memory_cgroup {
             cmd.arg("--memory-cgroup").arg(mem);
+        }
+        for hidden in &self.hidden_mounts {
+            cmd.arg("--hide-mount").arg(hidden.mount_point());
         }
         let mut child = cmd
             .stdin(Stdio::null())

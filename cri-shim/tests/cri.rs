@@ -15,7 +15,7 @@ async fn version_status_and_runtime_config_report_the_runtime() {
     let mut lab = Lab::start(LabOptions {
         network: false,
         registry: false,
-        extra_plugin: None,
+        ..Default::default()
     })
     .await;
     let v = lab
@@ -670,4 +670,240 @@ async fn host_network_pods_skip_cni_and_share_the_node_namespace() {
         .await
         .unwrap();
     assert!(lab.leftover_runtime_containers().is_empty());
+}
+
+#[tokio::test]
+async fn crun_runs_containers_on_a_hybrid_cgroup_host_without_touching_its_mounts() {
+    let unified_before = mounted_cgroup2();
+    let mut lab = Lab::start(LabOptions {
+        shim_args: vec!["--runtime".into(), "crun".into()],
+        ..Default::default()
+    })
+    .await;
+    lab.pull().await;
+    let pod = lab.run_pod("crun").await;
+    let job = lab
+        .run_container(&pod, "crun", "job", &["sh", "-c", "echo out; exit 3"])
+        .await;
+    let s = lab.wait_exited(&job).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (3, "Error"), "{s:?}");
+    assert_eq!(
+        log_records(&s.log_path),
+        [("stdout".into(), "F".into(), "out".into())]
+    );
+
+    let c = lab
+        .run_container(&pod, "crun", "sleeper", &["sleep", "3600"])
+        .await;
+    let out = lab.exec(&c, &["sh", "-c", "echo hi; exit 7"], 10).await;
+    let out = out.unwrap_or_else(|e| panic!("ExecSync under crun: {e}\n{}", lab.shim_log()));
+    assert_eq!((out.stdout.as_slice(), out.exit_code), (&b"hi\n"[..], 7));
+    lab.runtime
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: c.clone(),
+            linux: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 64 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("UpdateContainerResources under crun: {e}"));
+    let limit = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory{}/{c}/memory.limit_in_bytes",
+        lab.cgroup_parent
+    ))
+    .unwrap();
+    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+
+    lab.runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+    lab.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+    assert!(lab.leftover_runtime_containers().is_empty());
+    assert_eq!(
+        mounted_cgroup2(),
+        unified_before,
+        "the host's cgroup2 mount must stay"
+    );
+}
+
+/// The cgroup2 mount points of this (the host's) mount namespace.
+fn mounted_cgroup2() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" - cgroup2 "))
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn containers_of_a_pod_share_its_dev_shm_until_the_pod_stops() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("shm").await;
+    let writer = lab
+        .run_container(&pod, "shm", "writer", &["sleep", "3600"])
+        .await;
+    let reader = lab
+        .run_container(&pod, "shm", "reader", &["sleep", "3600"])
+        .await;
+    let wrote = lab
+        .exec(&writer, &["sh", "-c", "echo shared > /dev/shm/seg"], 10)
+        .await
+        .unwrap();
+    assert_eq!(wrote.exit_code, 0, "{wrote:?}");
+    let read = lab
+        .exec(&reader, &["cat", "/dev/shm/seg"], 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&read.stdout),
+        "shared\n",
+        "{read:?}"
+    );
+    let mounts = lab
+        .exec(&reader, &["cat", "/proc/mounts"], 10)
+        .await
+        .unwrap();
+    let mounts = String::from_utf8_lossy(&mounts.stdout).into_owned();
+    let shm = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some("/dev/shm"));
+    assert!(
+        shm.is_some_and(|l| l.contains("tmpfs") && l.contains("size=65536k")),
+        "a 64 MiB tmpfs at /dev/shm: {mounts}"
+    );
+    let other = lab.run_pod("other").await;
+    let stranger = lab
+        .run_container(&other, "other", "stranger", &["sleep", "3600"])
+        .await;
+    let miss = lab
+        .exec(&stranger, &["cat", "/dev/shm/seg"], 10)
+        .await
+        .unwrap();
+    assert_ne!(miss.exit_code, 0, "another pod's /dev/shm is its own");
+
+    for id in [pod, other] {
+        lab.runtime
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let left: Vec<String> = lab
+        .leftover_mounts()
+        .into_iter()
+        .filter(|m| m.ends_with("/shm"))
+        .collect();
+    assert!(left.is_empty(), "stopped pods keep no /dev/shm: {left:?}");
+}
+
+#[tokio::test]
+async fn seccomp_profiles_filter_syscalls_and_bad_ones_are_invalid() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    lab.pull().await;
+    let pod = lab.run_pod("seccomp").await;
+    let dir = tempfile::tempdir().unwrap();
+    let deny_mkdir = dir.path().join("deny-mkdir.json");
+    std::fs::write(
+        &deny_mkdir,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#,
+    )
+    .unwrap();
+    let mut started = Vec::new();
+    for (name, profile_type, localhost_ref) in [
+        (
+            "default",
+            cri::security_profile::ProfileType::RuntimeDefault,
+            "",
+        ),
+        (
+            "unconfined",
+            cri::security_profile::ProfileType::Unconfined,
+            "",
+        ),
+        (
+            "localhost",
+            cri::security_profile::ProfileType::Localhost,
+            deny_mkdir.to_str().unwrap(),
+        ),
+    ] {
+        let mut config = lab.container_config(name, &["sleep", "3600"]);
+        config.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                seccomp: Some(cri::SecurityProfile {
+                    profile_type: profile_type as i32,
+                    localhost_ref: localhost_ref.into(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = lab
+            .try_create_container(&pod, "seccomp", config)
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"));
+        lab.runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+        started.push(id);
+    }
+    let [default, unconfined, localhost] = &started[..] else {
+        unreachable!()
+    };
+    let mode = |out: cri::ExecSyncResponse| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:").map(|v| v.trim().to_string()))
+    };
+    let status = ["cat", "/proc/self/status"];
+    assert_eq!(
+        mode(lab.exec(default, &status, 10).await.unwrap()).as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        mode(lab.exec(unconfined, &status, 10).await.unwrap()).as_deref(),
+        Some("0")
+    );
+    // A user namespace needs no capability: only the default profile refuses it.
+    let userns = ["unshare", "-U", "true"];
+    let refused = lab.exec(default, &userns, 10).await.unwrap();
+    assert_ne!(refused.exit_code, 0, "{refused:?}");
+    let allowed = lab.exec(unconfined, &userns, 10).await.unwrap();
+    assert_eq!(allowed.exit_code, 0, "{allowed:?}");
+    let mkdir = ["mkdir", "/tmp/d"];
+    assert_ne!(lab.exec(localhost, &mkdir, 10).await.unwrap().exit_code, 0);
+    assert_eq!(lab.exec(default, &mkdir, 10).await.unwrap().exit_code, 0);
+
+    let mut config = lab.container_config("missing", &["true"]);
+    config.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            seccomp: Some(cri::SecurityProfile {
+                profile_type: cri::security_profile::ProfileType::Localhost as i32,
+                localhost_ref: "/nonexistent/profile.json".into(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let err = lab
+        .try_create_container(&pod, "seccomp", config)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("seccomp"), "{err}");
 }

@@ -76,15 +76,14 @@ async fn registry_k8s_io_is_pulled_through_the_second_mirror_when_the_first_is_d
 
     // The pause image comes through the mirror too, and containers run from mirrored images.
     let pod = lab.run_pod("mirrored").await;
-    let config = cri::CreateContainerRequest {
-        pod_sandbox_id: pod.clone(),
-        config: Some(cri::ContainerConfig {
-            image: image_spec(MIRRORED),
-            ..lab.container_config("c", &["sh", "-c", "echo mirrored"])
-        }),
-        sandbox_config: Some(lab.sandbox_config("mirrored")),
+    let config = cri::ContainerConfig {
+        image: image_spec(MIRRORED),
+        ..lab.container_config("c", &["sh", "-c", "echo mirrored"])
     };
-    let c = lab.create_container_with(config).await;
+    let c = lab
+        .try_create_container(&pod, "mirrored", config)
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer from {MIRRORED}: {e}"));
     lab.start_container(&c).await;
     assert_eq!(lab.wait_exited(&c).await.exit_code, 0);
     lab.runtime

@@ -1,11 +1,12 @@
-//! Shared OS helpers for nodekit's crates, lab and tests: network namespaces (this module)
-//! and crash-safe file replacement ([`durable`]).
+//! Shared OS helpers for nodekit's crates, lab and tests: network namespaces (this module),
+//! children in a mount namespace with mounts hidden ([`mountns`]) and crash-safe file
+//! replacement ([`durable`]).
 //!
 //! Every namespace switch happens on a dedicated OS thread that is thrown away afterwards
 //! (the pattern of containernetworking/plugins' `ns.Do`), so no caller thread — and never a
 //! tokio worker — is left in a foreign namespace. Named namespaces follow iproute2's layout
 //! (`/run/netns/NAME`, a bind mount of the nsfs file) so `ip netns` tools can see them.
-#![allow(unsafe_code)] // One audited use: `pre_exec` + setns in `Command` children.
+#![allow(unsafe_code)] // Audited uses: `pre_exec` (setns, mount namespaces) and one ioctl.
 
 use std::fs::{self, File};
 use std::io;
@@ -19,6 +20,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 
 pub mod durable;
+pub mod mountns;
 
 /// Where iproute2 and container runtimes keep named network namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";

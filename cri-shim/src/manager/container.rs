@@ -6,14 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{mount, MsFlags};
 use nix::sys::signal::Signal;
 use nodekit_proto::cri::v1::{
     ContainerConfig, ContainerState, LinuxContainerResources, NamespaceMode, PodSandboxConfig,
 };
 
 use super::records::{ContainerPhase, ContainerRecord, Pb, SandboxPhase};
-use super::{lock, now_ns, Manager};
+use super::{lock, mount_err, now_ns, unmount, Manager};
 use crate::error::CriError;
 use crate::monitor::ExitRecord;
 use crate::oci::spec::{self, SandboxFiles, SpecInput};
@@ -43,14 +43,6 @@ pub fn exit_reason(rec: &ContainerRecord) -> &'static str {
         (Some(_), _) => "Error",
         (None, Some(_)) => "StartError",
         (None, None) => "",
-    }
-}
-
-fn mount_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(nix::Error) -> CriError + 'a {
-    move |source| CriError::Mount {
-        what,
-        path: path.to_path_buf(),
-        source,
     }
 }
 
@@ -109,11 +101,7 @@ pub(super) fn mount_rootfs(
 
 /// Unmounts the rootfs [`mount_rootfs`] made under `root`; not mounted is success.
 pub(super) fn unmount_rootfs(root: &Path) -> Result<(), CriError> {
-    let rootfs = root.join("rootfs");
-    match umount2(&rootfs, MntFlags::MNT_DETACH) {
-        Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
-        Err(e) => Err(mount_err("unmounting", &rootfs)(e)),
-    }
+    unmount(&root.join("rootfs"))
 }
 
 /// Gives a deleted container's monitor up to 2 s to record the exit and leave, then kills
@@ -334,6 +322,7 @@ impl Manager {
             hostname: Some(sb_dir.join("hostname")),
             hosts: Some(sb_dir.join("hosts")),
             resolv_conf: Some(sb_dir.join("resolv.conf")),
+            shm: self.sandbox_shm(sandbox),
         };
         let spec = spec::build(&SpecInput {
             container_id: &rec.id,

@@ -1,8 +1,32 @@
-//! The /etc files a sandbox gives its containers: hostname, hosts and resolv.conf.
+//! The files a sandbox gives its containers: /etc/hostname, hosts and resolv.conf, and the
+//! pod's /dev/shm.
 
 use std::path::Path;
 
+use nix::mount::{mount, MsFlags};
 use nodekit_proto::cri::v1::DnsConfig;
+
+use super::mount_err;
+use crate::error::CriError;
+use crate::store::StoreError;
+
+/// Mounts the pod's /dev/shm at `path`: a 64 MiB tmpfs (containerd's size) that every
+/// container of the pod binds, so processes sharing the IPC namespace share POSIX shared
+/// memory as well.
+pub fn mount_shm(path: &Path) -> Result<(), CriError> {
+    std::fs::create_dir_all(path).map_err(|source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    mount(
+        Some("shm"),
+        path,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=65536k"),
+    )
+    .map_err(mount_err("mounting the pod's /dev/shm on", path))
+}
 
 /// `/etc/hosts` for a pod: the loopback names plus the pod's own address and hostname.
 pub fn hosts(hostname: &str, ips: &[String]) -> String {

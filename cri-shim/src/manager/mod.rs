@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use nodekit_nsutil::mountns::HiddenMount;
 use nodekit_nsutil::NamedNetNs;
 use tokio::sync::OwnedMutexGuard;
 
@@ -25,7 +26,7 @@ use crate::config::Options;
 use crate::error::CriError;
 use crate::image::pull::PullOptions;
 use crate::image::ImageStore;
-use crate::runtime::OciRuntime;
+use crate::runtime::{OciRuntime, RuntimeKind};
 use crate::store::{self, StoreError};
 use records::{ContainerRecord, SandboxRecord};
 
@@ -54,6 +55,40 @@ pub struct Manager {
     cpu_samples: Mutex<HashMap<String, (i64, u64)>>,
 }
 
+fn mount_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(nix::Error) -> CriError + 'a {
+    move |source| CriError::Mount {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Unmounts `path` (detaching it if busy); nothing mounted there, or no `path`, is success.
+fn unmount(path: &Path) -> Result<(), CriError> {
+    match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
+        Err(e) => Err(mount_err("unmounting", path)(e)),
+    }
+}
+
+/// What the runtime must not see: crun refuses hybrid cgroup hosts, so its processes start
+/// without the unified mount and treat the host as plain cgroup v1 (runc copes with both).
+fn hidden_mounts(kind: RuntimeKind, cgroups: &Hierarchies) -> Vec<HiddenMount> {
+    let Some(unified) = cgroups
+        .hybrid_unified()
+        .filter(|_| kind == RuntimeKind::Crun)
+    else {
+        return Vec::new();
+    };
+    match HiddenMount::find(unified) {
+        Ok(found) => found.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(mount = %unified.display(), error = %e, "cannot read mountinfo; crun will see the hybrid setup");
+            Vec::new()
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -75,10 +110,12 @@ impl Manager {
             .runtime_path
             .clone()
             .unwrap_or_else(|| PathBuf::from(opts.runtime.name()));
+        let cgroups = Hierarchies::detect()?;
         let runtime = OciRuntime::new(
             runtime_binary,
             opts.state.join("runtime"),
             Options::sibling_binary(&opts.monitor_path, "nodekit-cri-monitor"),
+            hidden_mounts(opts.runtime, &cgroups),
         );
         let manager = Arc::new(Self {
             cni: CniExec::new(opts.cni_bin_dir.clone()),
@@ -87,7 +124,7 @@ impl Manager {
                 insecure_registries: opts.insecure_registry.clone(),
                 registry_config_dir: opts.registry_config_dir.clone(),
             },
-            cgroups: Hierarchies::detect()?,
+            cgroups,
             pause_binary: Options::sibling_binary(&opts.pause_path, "nodekit-pause"),
             runtime,
             opts,

@@ -12,13 +12,16 @@ use serde_json::{json, Value};
 
 use super::files;
 use super::records::{CniAttachment, Pb, SandboxPhase, SandboxRecord};
-use super::{now_ns, Manager};
+use super::{now_ns, unmount, Manager};
 use crate::cgroups::CgroupDriver;
 use crate::cni::{self, Attachment, NetworkList};
 use crate::error::CriError;
 use crate::image::ImageRecord;
 use crate::pause::{self, PauseArgs};
 use crate::store;
+
+/// The pod's /dev/shm mount point in its sandbox directory.
+const SHM_DIR: &str = "shm";
 
 /// Kubernetes resource quantity (`10M`, `1Gi`, `500k`, `1.5M`) to a plain number.
 pub fn parse_quantity(q: &str) -> Option<u64> {
@@ -245,6 +248,9 @@ impl Manager {
             "resolv.conf",
             files::resolv_conf(config.dns_config.as_ref(), Path::new("/etc/resolv.conf")),
         )?;
+        if ipc_mode != NamespaceMode::Node {
+            files::mount_shm(&dir.join(SHM_DIR))?;
+        }
 
         let parent = config
             .linux
@@ -356,6 +362,7 @@ impl Manager {
         }
         self.kill_pause(&rec).await;
         self.remove_sandbox_container(&rec).await?;
+        unmount(&self.sandbox_dir(&rec.id).join(SHM_DIR))?;
         if let Some(att) = rec.cni.clone() {
             let network = NetworkList::from_value(&att.network)?;
             self.cni
@@ -438,9 +445,23 @@ impl Manager {
         if let Some(cg) = &rec.cgroup {
             let _ = self.cgroups.remove(cg);
         }
+        if let Err(err) = unmount(&self.sandbox_dir(&rec.id).join(SHM_DIR)) {
+            tracing::error!(sandbox_id = %rec.id, %err, "unmounting /dev/shm during rollback failed");
+        }
         let _ = store::remove_dir_all(&self.sandbox_dir(&rec.id));
         super::lock(&self.sandboxes).remove(&rec.id);
         self.release(&rec.name, &rec.id);
+    }
+
+    /// The /dev/shm a container of `rec` binds: the host's for host IPC pods, else the
+    /// pod's tmpfs (`None` for a sandbox made before pods had one: the container gets its
+    /// own).
+    pub(super) fn sandbox_shm(&self, rec: &SandboxRecord) -> Option<PathBuf> {
+        let (_, _, ipc_mode) = namespace_modes(&rec.config.0);
+        if ipc_mode == NamespaceMode::Node {
+            return Some(PathBuf::from("/dev/shm"));
+        }
+        Some(self.sandbox_dir(&rec.id).join(SHM_DIR)).filter(|p| p.is_dir())
     }
 
     /// The namespaces a container of `rec` joins (see [`crate::oci::spec::SandboxNamespaces`]).

@@ -91,6 +91,7 @@ impl Manager {
             user: &user,
             network: rec.netns.clone(),
             hostname,
+            shm: self.sandbox_shm(rec),
             cgroups_path,
             oom_score_adj_floor: super::container::oom_score_adj_floor(),
         })?;

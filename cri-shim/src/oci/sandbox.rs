@@ -39,6 +39,8 @@ pub struct SandboxSpecInput<'a> {
     /// The pod's hostname, set in its own UTS namespace; `None` keeps the node's UTS
     /// namespace (hostNetwork pods).
     pub hostname: Option<&'a str>,
+    /// The pod's /dev/shm to bind (see [`SandboxFiles::shm`]).
+    pub shm: Option<PathBuf>,
     /// `linux.cgroupsPath`: the sandbox's cgroup under its parent.
     pub cgroups_path: String,
     /// See [`SpecInput::oom_score_adj_floor`].
@@ -46,7 +48,8 @@ pub struct SandboxSpecInput<'a> {
 }
 
 /// The CRI container request the sandbox container stands for: the image's command, the
-/// pod's user and PID mode, every capability dropped, no new privileges, read-only rootfs.
+/// pod's user, PID mode and seccomp profile, every capability dropped, no new privileges,
+/// read-only rootfs.
 pub fn pause_request(sandbox: &PodSandboxConfig) -> ContainerConfig {
     let sc = sandbox
         .linux
@@ -84,6 +87,7 @@ pub fn pause_request(sandbox: &PodSandboxConfig) -> ContainerConfig {
                 run_as_user: sc.run_as_user,
                 run_as_group: sc.run_as_group,
                 supplemental_groups: sc.supplemental_groups,
+                seccomp: sc.seccomp,
                 readonly_rootfs: true,
                 no_new_privs: true,
                 ..Default::default()
@@ -116,7 +120,10 @@ pub fn build(input: &SandboxSpecInput<'_>) -> Result<Spec, SpecError> {
             ..Default::default()
         },
         target_pid_ns: None,
-        files: &SandboxFiles::default(),
+        files: &SandboxFiles {
+            shm: input.shm.clone(),
+            ..Default::default()
+        },
         cgroups_path: input.cgroups_path.clone(),
         oom_score_adj_floor: input.oom_score_adj_floor,
         devices: Vec::new(),
@@ -145,7 +152,10 @@ pub fn build(input: &SandboxSpecInput<'_>) -> Result<Spec, SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nodekit_proto::cri::v1::{Int64Value, LinuxPodSandboxConfig, LinuxSandboxSecurityContext};
+    use nodekit_proto::cri::v1::security_profile::ProfileType;
+    use nodekit_proto::cri::v1::{
+        Int64Value, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, SecurityProfile,
+    };
     use oci_spec::image::ConfigBuilder;
 
     fn sandbox(ipc: NamespaceMode, pid: NamespaceMode) -> PodSandboxConfig {
@@ -158,6 +168,10 @@ mod tests {
                         ..Default::default()
                     }),
                     run_as_user: Some(Int64Value { value: 65535 }),
+                    seccomp: Some(SecurityProfile {
+                        profile_type: ProfileType::RuntimeDefault as i32,
+                        localhost_ref: String::new(),
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -185,6 +199,7 @@ mod tests {
             },
             network: network.map(PathBuf::from),
             hostname,
+            shm: Some("/state/sid/shm".into()),
             cgroups_path: "/kubepods/sid".into(),
             oom_score_adj_floor: None,
         })
@@ -229,6 +244,10 @@ mod tests {
         assert!(caps.effective().as_ref().unwrap().is_empty());
         assert!(caps.inheritable().as_ref().unwrap().is_empty());
         let linux = spec.linux().as_ref().unwrap();
+        assert!(
+            linux.seccomp().is_some(),
+            "the pod's RuntimeDefault profile"
+        );
         assert_eq!(
             linux.cgroups_path().as_deref(),
             Some(Path::new("/kubepods/sid"))
@@ -237,6 +256,14 @@ mod tests {
             spec.annotations().as_ref().unwrap()["io.kubernetes.cri.container-type"],
             "sandbox"
         );
+        let shm = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/dev/shm"))
+            .unwrap();
+        assert_eq!(shm.source().as_deref(), Some(Path::new("/state/sid/shm")));
         let req = pause_request(&sb);
         let sc = req.linux.unwrap().security_context.unwrap();
         assert_eq!(sc.run_as_user.map(|u| u.value), Some(65535));

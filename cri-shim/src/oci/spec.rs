@@ -153,6 +153,10 @@ pub struct SandboxFiles {
     pub hosts: Option<PathBuf>,
     /// `/etc/resolv.conf`.
     pub resolv_conf: Option<PathBuf>,
+    /// The pod's `/dev/shm` (a tmpfs of the sandbox, or the host's for host IPC pods), so
+    /// containers sharing the IPC namespace share POSIX shared memory too; `None`: a tmpfs
+    /// of the container's own.
+    pub shm: Option<PathBuf>,
 }
 
 /// Everything the spec is built from.
@@ -388,26 +392,40 @@ fn all_mounts(
             &["rbind", propagation, mode],
         )?);
     }
-    let taken: HashSet<PathBuf> = requested.iter().map(|m| m.destination().clone()).collect();
+    let mut taken: HashSet<PathBuf> = requested.iter().map(|m| m.destination().clone()).collect();
     let etc_mode = if readonly_rootfs { "ro" } else { "rw" };
+    let mut sandbox_binds = Vec::new();
+    for (dest, src, options) in [
+        (
+            "/etc/hostname",
+            &input.files.hostname,
+            &["rbind", "rprivate", etc_mode][..],
+        ),
+        (
+            "/etc/hosts",
+            &input.files.hosts,
+            &["rbind", "rprivate", etc_mode],
+        ),
+        (
+            "/etc/resolv.conf",
+            &input.files.resolv_conf,
+            &["rbind", "rprivate", etc_mode],
+        ),
+        (
+            "/dev/shm",
+            &input.files.shm,
+            &["rbind", "rprivate", "rw", "nosuid", "nodev", "noexec"],
+        ),
+    ] {
+        if let Some(src) = src.as_ref().filter(|_| taken.insert(PathBuf::from(dest))) {
+            sandbox_binds.push(mount(dest, "bind", &src.to_string_lossy(), options)?);
+        }
+    }
     let mut mounts: Vec<Mount> = default_mounts(privileged)?
         .into_iter()
         .filter(|m| !taken.contains(m.destination()))
         .collect();
-    for (dest, src) in [
-        ("/etc/hostname", &input.files.hostname),
-        ("/etc/hosts", &input.files.hosts),
-        ("/etc/resolv.conf", &input.files.resolv_conf),
-    ] {
-        if let (Some(src), false) = (src, taken.contains(Path::new(dest))) {
-            mounts.push(mount(
-                dest,
-                "bind",
-                &src.to_string_lossy(),
-                &["rbind", "rprivate", etc_mode],
-            )?);
-        }
-    }
+    mounts.extend(sandbox_binds);
     requested.sort_by_key(|m| m.destination().components().count());
     mounts.extend(requested);
     Ok((mounts, rootfs_propagation.map(str::to_string)))
@@ -555,6 +573,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
         ));
     }
     let (caps, ambient) = capability_set(sc, privileged)?;
+    let seccomp = super::seccomp::profile(sc, privileged, &caps)?;
     let mut user = UserBuilder::default()
         .uid(input.user.uid)
         .gid(input.user.gid);
@@ -634,6 +653,9 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
     }
     if let Some(p) = rootfs_propagation {
         linux = linux.rootfs_propagation(p);
+    }
+    if let Some(filter) = seccomp {
+        linux = linux.seccomp(filter);
     }
     let sysctls = input.sandbox.linux.as_ref().map(|l| &l.sysctls);
     if let Some(s) = sysctls.filter(|s| !s.is_empty()) {
@@ -792,6 +814,7 @@ mod tests {
                 hostname: Some("/state/sb/hostname".into()),
                 hosts: Some("/state/sb/hosts".into()),
                 resolv_conf: None,
+                shm: Some("/state/sb/shm".into()),
             },
             sandbox: PodSandboxConfig {
                 linux: Some(LinuxPodSandboxConfig {
@@ -971,6 +994,38 @@ mod tests {
                 .rootfs_propagation()
                 .as_deref(),
             Some("rslave")
+        );
+    }
+
+    #[test]
+    fn dev_shm_is_the_pods_unless_the_request_mounts_one() {
+        let mut f = fixture();
+        let img = image(&[], &["sh"]);
+        let shm_of = |f: &Fixture, c: &ContainerConfig| {
+            let spec = build(&input(f, c, &img)).unwrap();
+            let shm: Vec<_> = spec
+                .mounts()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .filter(|m| m.destination() == Path::new("/dev/shm"))
+                .map(|m| (m.typ().clone().unwrap(), m.source().clone().unwrap()))
+                .collect();
+            assert_eq!(shm.len(), 1, "{shm:?}");
+            shm[0].clone()
+        };
+        let mut c = config(&[], &[]);
+        assert_eq!(shm_of(&f, &c), ("bind".into(), "/state/sb/shm".into()));
+        c.mounts = vec![CriMount {
+            container_path: "/dev/shm".into(),
+            host_path: "/run/shm".into(),
+            ..Default::default()
+        }];
+        assert_eq!(shm_of(&f, &c), ("bind".into(), "/run/shm".into()));
+        f.files.shm = None;
+        assert_eq!(
+            shm_of(&f, &config(&[], &[])),
+            ("tmpfs".into(), "shm".into())
         );
     }
 

@@ -49,6 +49,8 @@ pub struct LabOptions {
     pub registry: bool,
     /// A plugin type appended to the conflist (one of the fake plugins).
     pub extra_plugin: Option<&'static str>,
+    /// Flags for `nodekit-cri` after the lab's own.
+    pub shim_args: Vec<String>,
 }
 
 impl Default for LabOptions {
@@ -57,6 +59,7 @@ impl Default for LabOptions {
             network: true,
             registry: true,
             extra_plugin: None,
+            shim_args: Vec::new(),
         }
     }
 }
@@ -86,7 +89,7 @@ impl Lab {
             node: NetNs::open(lab.node().path()).unwrap(),
             prefix: lab.prefix().to_string(),
             cgroup_parent: lab.cgroup_parent(),
-            shim_args: Vec::new(),
+            shim_args: opts.shim_args,
             lab,
         };
         lab.start_shim().await;
@@ -218,21 +221,28 @@ impl Lab {
         name: &str,
         command: &[&str],
     ) -> String {
-        let req = cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(self.container_config(name, command)),
-            sandbox_config: Some(self.sandbox_config(pod_name)),
-        };
-        self.create_container_with(req).await
+        let config = self.container_config(name, command);
+        self.try_create_container(pod, pod_name, config)
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", self.shim_log()))
     }
 
-    pub async fn create_container_with(&mut self, req: cri::CreateContainerRequest) -> String {
+    /// CreateContainer with a config of the test's own; returns the ID or the error.
+    pub async fn try_create_container(
+        &mut self,
+        pod: &str,
+        pod_name: &str,
+        config: cri::ContainerConfig,
+    ) -> Result<String, tonic::Status> {
+        let req = cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(self.sandbox_config(pod_name)),
+        };
         self.runtime
             .create_container(req)
             .await
-            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", self.shim_log()))
-            .into_inner()
-            .container_id
+            .map(|r| r.into_inner().container_id)
     }
 
     pub async fn container_status(&mut self, id: &str) -> cri::ContainerStatus {
@@ -345,7 +355,7 @@ impl Lab {
             ..Default::default()
         });
         let pod = self
-            .run_pod_with(config.clone())
+            .run_pod_with(config)
             .await
             .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.shim_log()));
         assert!(
@@ -355,11 +365,7 @@ impl Lab {
         let status = self.sandbox_status(&pod).await;
         assert_eq!(status.network.unwrap().ip, "");
         let c = self
-            .create_container_with(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(self.container_config("c", &["sleep", "3600"])),
-                sandbox_config: Some(config),
-            })
+            .create_container(&pod, "hostnet", "c", &["sleep", "3600"])
             .await;
         self.start_container(&c).await;
         // The registry listens on the node namespace's loopback: reachable only from there.

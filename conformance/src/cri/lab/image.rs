@@ -9,7 +9,7 @@ use sha2::Digest;
 /// The busybox applets linked into the layer's `/bin`.
 const APPLETS: &[&str] = &[
     "sh", "sleep", "echo", "cat", "ls", "httpd", "nc", "wget", "hostname", "id", "true", "false",
-    "kill", "ps", "env", "pwd", "mkdir", "touch", "trap", "tty", "stty",
+    "kill", "ps", "env", "pwd", "mkdir", "touch", "trap", "tty", "stty", "unshare",
 ];
 
 /// What the web root serves (`/www/index.html`).
