@@ -1,6 +1,11 @@
-//! Crash-safe state files: every record is written to a temporary file, fsynced, renamed over
-//! the old one and the directory fsynced, so a restarted shim reads either the old or the new
-//! record, never a torn one.
+//! Crash-safe state files: every record is written to a temporary file and renamed over the
+//! old one, so a restarted shim reads either the old or the new record, never a torn one.
+//!
+//! Runtime state (`--state`: sandbox and container records, bundles, exit records) is not
+//! fsynced: it describes processes, mounts and namespaces that a power loss ends, and lives on
+//! tmpfs (`/run`) by default, like containerd's and CRI-O's; a record torn by a power loss on
+//! a disk-backed state dir is skipped at start. What must outlive a reboot (the image index
+//! under `--root`) is written durably.
 
 use std::fs::{self, File};
 use std::io;
@@ -40,22 +45,35 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
-/// Atomically replaces `path` with `bytes` (temp file + fsync + rename + directory fsync),
-/// creating missing parent directories.
+/// Atomically replaces the runtime state file `path` with `bytes` (temp file + rename, no
+/// fsync: see the module comment), creating missing parent directories.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    durable::write(path, bytes).map_err(|e| StoreError::Io {
-        path: e.path,
-        source: e.source,
+    durable::write_volatile(path, bytes).map_err(write_err)
+}
+
+/// Atomically writes `value` as JSON to the runtime state file `path`.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    write_atomic(path, &to_json(path, value)?)
+}
+
+/// Atomically and durably (fsync of file and directory) writes `value` as JSON to `path`,
+/// for data that must survive a power loss.
+pub fn write_json_durable<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    durable::write(path, &to_json(path, value)?).map_err(write_err)
+}
+
+fn to_json<T: Serialize>(path: &Path, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec_pretty(value).map_err(|source| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        source,
     })
 }
 
-/// Atomically writes `value` as JSON to `path`.
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|source| StoreError::Corrupt {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    write_atomic(path, &bytes)
+fn write_err(e: durable::WriteError) -> StoreError {
+    StoreError::Io {
+        path: e.path,
+        source: e.source,
+    }
 }
 
 /// Reads the JSON record at `path`; `Ok(None)` when the file does not exist.
@@ -100,7 +118,7 @@ mod tests {
         let path = dir.path().join("a/b/rec.json");
         assert_eq!(read_json::<Vec<u32>>(&path).unwrap(), None);
         write_json(&path, &vec![1u32, 2]).unwrap();
-        write_json(&path, &vec![3u32]).unwrap();
+        write_json_durable(&path, &vec![3u32]).unwrap();
         assert_eq!(read_json::<Vec<u32>>(&path).unwrap(), Some(vec![3]));
         let leftovers: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temp file may remain");

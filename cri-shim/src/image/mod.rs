@@ -202,7 +202,10 @@ impl ImageStore {
     }
 
     fn save(&self, index: &Index) -> Result<(), ImageError> {
-        Ok(store::write_json(&self.root.join("index.json"), index)?)
+        Ok(store::write_json_durable(
+            &self.root.join("index.json"),
+            index,
+        )?)
     }
 
     /// Records a pulled image; its tag moves here from any image that had it.

@@ -428,6 +428,46 @@ pub(super) fn stop_remove_idempotent(env: &Env) -> CheckFuture<'_> {
     })
 }
 
+pub(super) fn seccomp_profiles(env: &Env) -> CheckFuture<'_> {
+    use cri::security_profile::ProfileType;
+    Box::pin(async move {
+        let name = env.unique("seccomp");
+        let pod = env.run_pod(&name).await?;
+        let mut modes = Vec::new();
+        for (container, profile_type, want) in [
+            ("default", ProfileType::RuntimeDefault, "2"),
+            ("unconfined", ProfileType::Unconfined, "0"),
+        ] {
+            let mut config = env.template.container(container, LONG_RUNNING);
+            config.linux = Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    seccomp: Some(cri::SecurityProfile {
+                        profile_type: profile_type as i32,
+                        localhost_ref: String::new(),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            let id = env.create_container_with(&pod, &name, config).await?;
+            env.start_container(&id).await?;
+            let status = env
+                .exec_sync(&id, &["cat", "/proc/self/status"], 10)
+                .await?;
+            let mode = String::from_utf8_lossy(&status.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:").map(|v| v.trim().to_string()));
+            if mode.as_deref() != Some(want) {
+                return Err(violation(format!(
+                    "{profile_type:?}: /proc/self/status says Seccomp: {mode:?}; wanted {want} (2 = filter)"
+                )));
+            }
+            modes.push(format!("{profile_type:?} {want}"));
+        }
+        Ok(Outcome::passed_with(modes.join(", ")))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

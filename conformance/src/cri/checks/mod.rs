@@ -130,6 +130,14 @@ pub const CHECKS: &[Check] = &[
         run: containers::list_filters,
     },
     Check {
+        name: "containers of a pod share its /dev/shm; another pod's is its own",
+        run: pods::shared_dev_shm,
+    },
+    Check {
+        name: "a RuntimeDefault seccomp profile filters the container; Unconfined does not",
+        run: containers::seccomp_profiles,
+    },
+    Check {
         name: "StopContainer and RemoveContainer are idempotent",
         run: containers::stop_remove_idempotent,
     },
@@ -227,14 +235,26 @@ impl Env {
         name: &str,
         command: &[&str],
     ) -> Result<String, CheckError> {
+        self.create_container_with(pod, pod_name, self.template.container(name, command))
+            .await
+    }
+
+    /// Creates a container from a config of the check's own in pod `pod` (named `pod_name`).
+    pub async fn create_container_with(
+        &self,
+        pod: &str,
+        pod_name: &str,
+        config: cri::ContainerConfig,
+    ) -> Result<String, CheckError> {
         self.ensure_image().await?;
+        let name = config.metadata.as_ref().map(|m| m.name.clone());
         let req = cri::CreateContainerRequest {
             pod_sandbox_id: pod.into(),
-            config: Some(self.template.container(name, command)),
+            config: Some(config),
             sandbox_config: Some(self.template.sandbox(pod_name)),
         };
         let r = call(
-            &format!("CreateContainer {name}"),
+            &format!("CreateContainer {}", name.unwrap_or_default()),
             self.runtime.clone().create_container(req),
         )
         .await?;

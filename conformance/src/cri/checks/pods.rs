@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use nodekit_proto::cri::v1 as cri;
 use tonic::Code;
 
-use super::{call, code_of, violation, CheckError, CheckFuture};
+use super::{call, code_of, violation, CheckError, CheckFuture, LONG_RUNNING};
 use crate::cri::lab::POD_SUBNET;
 use crate::cri::Env;
 use crate::report::Outcome;
@@ -284,5 +284,46 @@ pub(super) fn nothing_left(env: &Env) -> CheckFuture<'_> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    })
+}
+
+pub(super) fn shared_dev_shm(env: &Env) -> CheckFuture<'_> {
+    Box::pin(async move {
+        let name = env.unique("shm");
+        let pod = env.run_pod(&name).await?;
+        let writer = env
+            .run_container(&pod, &name, "writer", LONG_RUNNING)
+            .await?;
+        let reader = env
+            .run_container(&pod, &name, "reader", LONG_RUNNING)
+            .await?;
+        let wrote = env
+            .exec_sync(&writer, &["sh", "-c", "echo shared > /dev/shm/nk-seg"], 10)
+            .await?;
+        if wrote.exit_code != 0 {
+            return Err(violation(format!(
+                "writing /dev/shm/nk-seg: exit {}: {}",
+                wrote.exit_code,
+                String::from_utf8_lossy(&wrote.stderr)
+            )));
+        }
+        let read = env
+            .exec_sync(&reader, &["cat", "/dev/shm/nk-seg"], 10)
+            .await?;
+        if read.stdout != b"shared\n" {
+            return Err(violation(format!(
+                "the pod's other container read {:?} (exit {}) from /dev/shm/nk-seg; wanted \"shared\\n\"",
+                String::from_utf8_lossy(&read.stdout),
+                read.exit_code
+            )));
+        }
+        let (_, stranger) = env.pod_with_container("shm-other").await?;
+        let miss = env
+            .exec_sync(&stranger, &["cat", "/dev/shm/nk-seg"], 10)
+            .await?;
+        if miss.exit_code == 0 {
+            return Err(violation("another pod sees this pod's /dev/shm/nk-seg"));
+        }
+        Ok(Outcome::passed())
     })
 }
