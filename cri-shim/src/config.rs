@@ -37,7 +37,9 @@ pub struct Options {
     /// Cgroup manager for container cgroups (reported by RuntimeConfig).
     #[arg(long, value_enum, default_value = "cgroupfs")]
     pub cgroup_driver: CgroupDriver,
-    /// Pause image (not supported yet: the built-in `nodekit-pause` process is used).
+    /// Pause image: each sandbox's namespace holder is then a container run from it by the
+    /// OCI runtime (pulled when absent), as containerd does; without it, the `nodekit-pause`
+    /// host process holds them.
     #[arg(long)]
     pub pause_image: Option<String>,
     /// Address of the streaming server for Exec/Attach/PortForward URLs (port 0: an
@@ -50,6 +52,11 @@ pub struct Options {
     /// Registries (`host[:port]`) pulled over plain HTTP besides loopback ones.
     #[arg(long)]
     pub insecure_registry: Vec<String>,
+    /// Registry hosts directory, containerd's `config_path` (e.g. /etc/containerd/certs.d):
+    /// `DIR/<host[:port]>/hosts.toml` (else `DIR/_default/hosts.toml`) lists mirrors tried
+    /// in order before the registry itself; read at each pull.
+    #[arg(long)]
+    pub registry_config_dir: Option<PathBuf>,
     /// The `nodekit-pause` binary (default: next to this executable).
     #[arg(long)]
     pub pause_path: Option<PathBuf>,

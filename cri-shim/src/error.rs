@@ -77,6 +77,15 @@ pub enum CriError {
     /// Image store or pull failure.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// The `--pause-image` could not be found or pulled for a new sandbox.
+    #[error("pause image {image:?}: {source}")]
+    PauseImage {
+        /// The `--pause-image` reference.
+        image: String,
+        /// Why it is not there.
+        #[source]
+        source: ImageError,
+    },
     /// State files.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -104,8 +104,8 @@ pub struct CreateParams<'a> {
     pub exit_file: &'a Path,
     /// The container's memory cgroup directory (OOM detection).
     pub memory_cgroup: Option<&'a Path>,
-    /// The attach socket the monitor serves.
-    pub attach_socket: &'a Path,
+    /// The attach socket the monitor serves (none for a sandbox container).
+    pub attach_socket: Option<&'a Path>,
     /// The container's stdin and terminal settings.
     pub stdio: StdioArgs,
 }
@@ -188,9 +188,10 @@ impl OciRuntime {
             .arg("--bundle")
             .arg(p.bundle)
             .arg("--exit-file")
-            .arg(p.exit_file)
-            .arg("--attach-socket")
-            .arg(p.attach_socket);
+            .arg(p.exit_file);
+        if let Some(socket) = p.attach_socket {
+            cmd.arg("--attach-socket").arg(socket);
+        }
         for (on, flag) in [
             (p.stdio.stdin, "--stdin"),
             (p.stdio.stdin_once, "--stdin-once"),

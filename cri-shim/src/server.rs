@@ -43,11 +43,6 @@ pub async fn run(opts: Options) -> Result<(), ServeError> {
     if opts.cgroup_driver == CgroupDriver::Systemd && !Path::new(SYSTEMD_RUN_DIR).is_dir() {
         return Err(ServeError::NoSystemd);
     }
-    if opts.pause_image.is_some() {
-        tracing::warn!(
-            "--pause-image is not supported yet: the nodekit-pause process holds pod namespaces"
-        );
-    }
     let socket = opts.socket_path();
     let streaming_addr = opts.streaming_addr;
     let manager = Manager::open(opts).await?;

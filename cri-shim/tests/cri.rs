@@ -6,16 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{log_records, Lab, LabOptions, IMAGE};
+use common::{image_spec, log_records, Lab, LabOptions, IMAGE};
 use nodekit_proto::cri::v1 as cri;
 use tonic::Code;
-
-fn image_spec(name: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: name.into(),
-        ..Default::default()
-    })
-}
 
 #[tokio::test]
 async fn version_status_and_runtime_config_report_the_runtime() {
@@ -95,15 +88,8 @@ async fn images_are_pulled_listed_inspected_and_removed() {
 
     for name in [IMAGE, id.as_str()] {
         let img = lab
-            .images
-            .image_status(cri::ImageStatusRequest {
-                image: image_spec(name),
-                verbose: false,
-            })
+            .image_status(name)
             .await
-            .unwrap()
-            .into_inner()
-            .image
             .unwrap_or_else(|| panic!("ImageStatus({name}) is nil"));
         assert_eq!(img.id, id);
         assert_eq!(img.repo_tags, [IMAGE]);
@@ -147,17 +133,8 @@ async fn images_are_pulled_listed_inspected_and_removed() {
             .await
             .unwrap();
     }
-    let gone = lab
-        .images
-        .image_status(cri::ImageStatusRequest {
-            image: image_spec(&id),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
     assert!(
-        gone.image.is_none(),
+        lab.image_status(&id).await.is_none(),
         "ImageStatus of a removed image is nil, not an error"
     );
     let fs = lab
@@ -179,17 +156,7 @@ async fn pods_get_addresses_and_reach_each_other() {
     lab.pull().await;
     let web = lab.run_pod("web").await;
     let client = lab.run_pod("client").await;
-    let status = lab
-        .runtime
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: web.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = lab.sandbox_status(&web).await;
     assert_eq!(status.state, cri::PodSandboxState::SandboxReady as i32);
     let web_ip = status.network.unwrap().ip;
     assert!(
@@ -197,37 +164,15 @@ async fn pods_get_addresses_and_reach_each_other() {
         "pod IP from host-local: {web_ip:?}"
     );
 
-    let server = lab
-        .run_container(
-            &web,
-            "web",
-            "httpd",
-            &["httpd", "-f", "-p", "8080", "-h", "/www"],
-        )
-        .await;
+    let server = lab.run_httpd(&web, "web").await;
     let probe = lab
         .run_container(&client, "client", "probe", &["sleep", "3600"])
         .await;
     let hostname = lab.exec(&probe, &["hostname"], 5).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&hostname.stdout).trim(), "client");
 
-    let deadline = Instant::now() + Duration::from_secs(10);
     let url = format!("http://{web_ip}:8080/index.html");
-    loop {
-        let got = lab
-            .exec(&probe, &["wget", "-q", "-O", "-", &url], 5)
-            .await
-            .unwrap();
-        if got.exit_code == 0 {
-            assert_eq!(String::from_utf8_lossy(&got.stdout), "hello from nk\n");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "client pod cannot reach {url}: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    lab.expect_http(&probe, &url, "hello from nk\n").await;
     let _ = server;
 }
 
@@ -445,17 +390,7 @@ async fn stop_and_remove_are_idempotent_and_leave_nothing_behind() {
             .await
             .unwrap();
     }
-    let status = lab
-        .runtime
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = lab.sandbox_status(&pod).await;
     assert_eq!(status.state, cri::PodSandboxState::SandboxNotready as i32);
     let idle = lab.container_status(&idle).await;
     assert_eq!(idle.state, cri::ContainerState::ContainerExited as i32);
@@ -471,13 +406,7 @@ async fn stop_and_remove_are_idempotent_and_leave_nothing_behind() {
             .await
             .unwrap();
     }
-    let pods = lab
-        .runtime
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(pods.items.is_empty());
+    assert!(lab.list_pods().await.is_empty());
     let containers = lab
         .runtime
         .list_containers(cri::ListContainersRequest { filter: None })
@@ -485,22 +414,7 @@ async fn stop_and_remove_are_idempotent_and_leave_nothing_behind() {
         .unwrap()
         .into_inner();
     assert!(containers.containers.is_empty());
-    assert!(lab.leftover_runtime_containers().is_empty());
-    assert!(
-        lab.leftover_mounts().is_empty(),
-        "{:?}",
-        lab.leftover_mounts()
-    );
-    assert!(lab.cgroup_pids().is_empty(), "pause and containers gone");
-    let ips: Vec<_> = std::fs::read_dir(lab.path("ipam/nk-test"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    assert!(
-        ips.iter().all(|n| !n.to_string_lossy().starts_with("10.")),
-        "addresses released: {ips:?}"
-    );
+    lab.assert_nothing_left();
 }
 
 #[tokio::test]
@@ -508,26 +422,12 @@ async fn bad_requests_name_the_field_and_unknown_ids_are_not_found() {
     let mut lab = Lab::start(LabOptions::default()).await;
     let mut no_meta = lab.sandbox_config("bad");
     no_meta.metadata = None;
-    let err = lab
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(no_meta),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let err = lab.run_pod_with(no_meta).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("config.metadata"), "{err}");
     let mut no_name = lab.sandbox_config("bad");
     no_name.metadata.as_mut().unwrap().name.clear();
-    let err = lab
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(no_name),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let err = lab.run_pod_with(no_name).await.unwrap_err();
     assert!(
         err.code() == Code::InvalidArgument && err.message().contains("config.metadata.name"),
         "{err}"
@@ -619,35 +519,15 @@ async fn cni_add_failure_rolls_back_everything() {
     })
     .await;
     let config = lab.sandbox_config("doomed");
-    let err = lab
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let err = lab.run_pod_with(config).await.unwrap_err();
     assert!(
         err.message().contains("nk-fail refuses this pod"),
         "plugin message surfaces: {err}"
     );
-    let pods = lab
-        .runtime
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(pods.items.is_empty());
+    assert!(lab.list_pods().await.is_empty());
     assert!(lab.leftover_netns().is_empty(), "netns removed");
     assert!(lab.cgroup_pids().is_empty(), "no pause left");
-    let held: Vec<_> = std::fs::read_dir(lab.path("ipam/nk-test"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("10."))
-                .collect()
-        })
-        .unwrap_or_default();
+    let held = lab.held_addresses();
     assert!(
         held.is_empty(),
         "bridge's address released by DEL: {held:?}"
@@ -681,17 +561,9 @@ async fn a_restarted_shim_finds_running_sandboxes_and_containers() {
     lab.kill_shim();
     lab.start_shim().await;
 
-    let pods = lab
-        .runtime
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(pods.items.len(), 1);
-    assert_eq!(
-        pods.items[0].state,
-        cri::PodSandboxState::SandboxReady as i32
-    );
+    let pods = lab.list_pods().await;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].state, cri::PodSandboxState::SandboxReady as i32);
     let s = lab.container_status(&c).await;
     assert_eq!(s.state, cri::ContainerState::ContainerRunning as i32);
     let out = lab.exec(&c, &["echo", "still here"], 5).await.unwrap();
@@ -777,75 +649,7 @@ async fn a_process_that_cannot_start_leaves_no_runtime_state() {
 #[tokio::test]
 async fn host_network_pods_skip_cni_and_share_the_node_namespace() {
     let mut lab = Lab::start(LabOptions::default()).await;
-    lab.pull().await;
-    let mut config = lab.sandbox_config("hostnet");
-    config.linux.as_mut().unwrap().security_context = Some(cri::LinuxSandboxSecurityContext {
-        namespace_options: Some(cri::NamespaceOption {
-            network: cri::NamespaceMode::Node as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    let pod = lab
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pod_sandbox_id;
-    assert!(
-        lab.leftover_netns().is_empty(),
-        "no pod netns for hostNetwork"
-    );
-    let status = lab
-        .runtime
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
-    assert_eq!(status.network.unwrap().ip, "");
-    let req = cri::CreateContainerRequest {
-        pod_sandbox_id: pod.clone(),
-        config: Some(lab.container_config("c", &["sleep", "3600"])),
-        sandbox_config: Some(config),
-    };
-    let c = lab
-        .runtime
-        .create_container(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
-    lab.runtime
-        .start_container(cri::StartContainerRequest {
-            container_id: c.clone(),
-        })
-        .await
-        .unwrap();
-    // The registry listens on the node namespace's loopback: reachable only from there.
-    let got = lab
-        .exec(
-            &c,
-            &["wget", "-q", "-O", "-", "http://127.0.0.1:5000/v2/"],
-            5,
-        )
-        .await
-        .unwrap();
-    assert_eq!(got.exit_code, 0, "{got:?}");
-    let host = nix::unistd::gethostname()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let name = lab.exec(&c, &["hostname"], 5).await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&name.stdout).trim(), host);
+    let pod = lab.run_host_network_pod().await;
     lab.runtime
         .remove_pod_sandbox(cri::RemovePodSandboxRequest {
             pod_sandbox_id: pod,

@@ -24,7 +24,7 @@ use super::interrupt;
 use super::stats::Summary;
 use crate::cri::checks::LONG_RUNNING;
 use crate::cri::lab::procs::{self, Memory};
-use crate::cri::lab::{CriRuntime, Lab, LabError, LabOptions};
+use crate::cri::lab::{CriRuntime, Lab, LabError, LabOptions, PAUSE_IMAGE};
 use crate::cri::pod::PodTemplate;
 
 /// The goal: nodekit's median pod start at most this fraction of containerd's.
@@ -40,6 +40,10 @@ const SETTLE: Duration = Duration::from_secs(1);
 pub enum BenchRuntime {
     /// nodekit-cri.
     Nodekit,
+    /// nodekit-cri with `--pause-image` (the lab's pause image, as containerd runs it).
+    #[value(name = "nodekit-pause-image")]
+    #[serde(rename = "nodekit-pause-image")]
+    NodekitPauseImage,
     /// Debian's containerd with its CRI plugin.
     Containerd,
 }
@@ -317,6 +321,14 @@ fn bench_runtime(
 ) -> Result<RuntimeFigures, CriBenchError> {
     let (runtime, name) = match which {
         BenchRuntime::Nodekit => (CriRuntime::nodekit(&opts.nodekit_binary), "nodekit"),
+        BenchRuntime::NodekitPauseImage => (
+            CriRuntime::Nodekit {
+                binary: opts.nodekit_binary.clone(),
+                args: vec!["--pause-image".into(), PAUSE_IMAGE.into()],
+                log_filter: "info".into(),
+            },
+            "nodekit-pause-image",
+        ),
         BenchRuntime::Containerd => (CriRuntime::Containerd, "containerd"),
     };
     let mut lab = Lab::create(&LabOptions::default())?;
@@ -519,6 +531,7 @@ pub fn render(f: &CriFigures) -> String {
 fn name(r: BenchRuntime) -> &'static str {
     match r {
         BenchRuntime::Nodekit => "nodekit",
+        BenchRuntime::NodekitPauseImage => "nk+pause",
         BenchRuntime::Containerd => "containerd",
     }
 }

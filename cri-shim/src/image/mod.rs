@@ -8,6 +8,7 @@
 //! Lookups accept what the kubelet sends: an image ID (`sha256:...` or bare hex), a tagged or
 //! digested reference, or a short name (`busybox` = `docker.io/library/busybox:latest`).
 
+pub mod hosts;
 pub mod pull;
 pub mod unpack;
 
@@ -60,6 +61,21 @@ pub enum ImageError {
         /// The client error.
         #[source]
         source: oci_client::errors::OciDistributionError,
+    },
+    /// The registry's `hosts.toml` cannot be used.
+    #[error("failed to pull image {reference:?}: {source}")]
+    Hosts {
+        /// The reference pulled.
+        reference: String,
+        /// What is wrong with the file.
+        #[source]
+        source: hosts::HostsError,
+    },
+    /// The registry's `hosts.toml` leaves no host able to serve the request.
+    #[error("failed to pull image {reference:?}: no registry host has the capability needed")]
+    NoHost {
+        /// The reference pulled.
+        reference: String,
     },
     /// The image's config or manifest is unusable.
     #[error("image {reference:?}: {reason}")]

@@ -6,13 +6,17 @@
 
 use std::net::IpAddr;
 
-use oci_client::client::{ClientConfig, ClientProtocol};
+use std::path::PathBuf;
+
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
-use oci_client::Client;
+use oci_client::{Client, Reference};
 use oci_spec::image::ImageConfiguration;
 use sha2::{Digest, Sha256};
 
+use super::hosts::{self, RegistryHost};
 use super::{normalize, unpack, ImageError, ImageRecord, ImageStore};
 use crate::store;
 
@@ -21,6 +25,8 @@ use crate::store;
 pub struct PullOptions {
     /// Registries (`host` or `host:port`) reached over plain HTTP besides loopback ones.
     pub insecure_registries: Vec<String>,
+    /// containerd's `config_path`: `DIR/<host>/hosts.toml` mirrors (see [`hosts`]).
+    pub registry_config_dir: Option<PathBuf>,
 }
 
 /// Installs the process-wide rustls crypto provider (ring) once; oci-client's HTTP client
@@ -98,7 +104,171 @@ fn registry_error(reference: &str, err: OciDistributionError) -> ImageError {
     }
 }
 
+/// One host an image can come from, with a client set up for it.
+struct Endpoint {
+    host: RegistryHost,
+    client: Client,
+    /// The image's reference, its mirror registry set when the host is not the upstream.
+    reference: Reference,
+    /// The host as a URL, for logs.
+    url: String,
+}
+
+/// Clients for the hosts of `reference`'s registry (see [`hosts`]), in order.
+fn endpoints(reference: &Reference, opts: &PullOptions) -> Result<Vec<Endpoint>, ImageError> {
+    let registry = reference.registry();
+    let hosts = hosts::hosts_for(
+        opts.registry_config_dir.as_deref(),
+        registry,
+        is_plain_http(reference.resolve_registry(), opts),
+    )
+    .map_err(|source| ImageError::Hosts {
+        reference: reference.whole(),
+        source,
+    })?;
+    ensure_crypto_provider();
+    hosts
+        .into_iter()
+        .map(|host| {
+            let mut extra_root_certificates = Vec::new();
+            for path in &host.ca {
+                let data = std::fs::read(path).map_err(|source| store::StoreError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                extra_root_certificates.push(Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data,
+                });
+            }
+            let client = Client::new(ClientConfig {
+                protocol: if host.plain_http {
+                    ClientProtocol::Http
+                } else {
+                    ClientProtocol::Https
+                },
+                accept_invalid_certificates: host.skip_verify,
+                extra_root_certificates,
+                connect_timeout: Some(host.dial_timeout),
+                http_proxy: host.proxy.clone(),
+                https_proxy: host.proxy.clone(),
+                ..Default::default()
+            });
+            let mut mirrored = with_repository_prefix(reference, &host.repository_prefix);
+            if let Some(base) = host.base.as_deref().filter(|b| *b != registry) {
+                mirrored.set_mirror_registry(base.to_string());
+            }
+            Ok(Endpoint {
+                url: host.describe(registry),
+                host,
+                client,
+                reference: mirrored,
+            })
+        })
+        .collect()
+}
+
+/// `reference` with `prefix/` in front of its repository (an `override_path` host's path).
+fn with_repository_prefix(reference: &Reference, prefix: &str) -> Reference {
+    if prefix.is_empty() {
+        return reference.clone();
+    }
+    let registry = reference.registry().to_string();
+    let repository = format!("{prefix}/{}", reference.repository());
+    match (reference.tag(), reference.digest()) {
+        (Some(tag), Some(digest)) => {
+            Reference::with_tag_and_digest(registry, repository, tag.into(), digest.into())
+        }
+        (None, Some(digest)) => Reference::with_digest(registry, repository, digest.into()),
+        (tag, None) => Reference::with_tag(registry, repository, tag.unwrap_or("latest").into()),
+    }
+}
+
+/// The failures of one request tried host after host. Like containerd, any failure moves
+/// on to the next host; the error kept is the first one other than "not found", else the
+/// first.
+struct Failures<'a> {
+    whole: &'a str,
+    first: Option<ImageError>,
+}
+
+impl<'a> Failures<'a> {
+    fn new(whole: &'a str) -> Self {
+        Self { whole, first: None }
+    }
+
+    fn record(&mut self, ep: &Endpoint, err: OciDistributionError) {
+        tracing::warn!(image = %self.whole, host = %ep.url, %err, "registry host failed, trying the next");
+        let err = registry_error(self.whole, err);
+        let replace = match &self.first {
+            None => true,
+            Some(first) => {
+                matches!(first, ImageError::RemoteNotFound { .. })
+                    && !matches!(err, ImageError::RemoteNotFound { .. })
+            }
+        };
+        if replace {
+            self.first = Some(err);
+        }
+    }
+
+    fn into_error(self) -> ImageError {
+        self.first.unwrap_or_else(|| ImageError::NoHost {
+            reference: self.whole.to_string(),
+        })
+    }
+}
+
+/// Fetches the blob `layer` into `out` from the first host able to pull it.
+async fn fetch_blob(
+    endpoints: &[Endpoint],
+    whole: &str,
+    auth: &RegistryAuth,
+    layer: &OciDescriptor,
+    out: Blob<'_>,
+) -> Result<Vec<u8>, ImageError> {
+    let mut failures = Failures::new(whole);
+    for ep in endpoints.iter().filter(|e| e.host.pull) {
+        ep.client
+            .store_auth_if_needed(ep.reference.resolve_registry(), auth)
+            .await;
+        let result = match out {
+            Blob::Memory => {
+                let mut bytes = Vec::new();
+                ep.client
+                    .pull_blob(&ep.reference, layer, &mut bytes)
+                    .await
+                    .map(|()| bytes)
+            }
+            Blob::File(path) => match tokio::fs::File::create(path).await {
+                Ok(file) => ep
+                    .client
+                    .pull_blob(&ep.reference, layer, file)
+                    .await
+                    .map(|()| Vec::new()),
+                Err(e) => Err(e.into()),
+            },
+        };
+        match result {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => failures.record(ep, e),
+        }
+    }
+    Err(failures.into_error())
+}
+
+/// Where a fetched blob goes.
+#[derive(Clone, Copy)]
+enum Blob<'a> {
+    /// Returned as bytes (the config).
+    Memory,
+    /// Written to this file (layers).
+    File(&'a std::path::Path),
+}
+
 /// Pulls `name` into `store` and returns the image ID. Layers already present are skipped.
+/// The manifest comes from the first host able to resolve it (or, for a digest, to pull),
+/// each blob from the first host able to pull it; the image keeps the name `name`.
 pub async fn pull(
     store: &ImageStore,
     name: &str,
@@ -107,26 +277,33 @@ pub async fn pull(
 ) -> Result<String, ImageError> {
     let reference = normalize(name)?;
     let whole = reference.whole();
-    let protocol = if is_plain_http(reference.resolve_registry(), opts) {
-        ClientProtocol::Http
-    } else {
-        ClientProtocol::Https
+    let endpoints = endpoints(&reference, opts)?;
+    let by_digest = reference.digest().is_some();
+    let mut failures = Failures::new(&whole);
+    let mut resolved = None;
+    for ep in endpoints.iter().filter(|e| {
+        if by_digest {
+            e.host.pull
+        } else {
+            e.host.resolve
+        }
+    }) {
+        match ep
+            .client
+            .pull_image_manifest_and_list_digest(&ep.reference, auth)
+            .await
+        {
+            Ok(found) => {
+                resolved = Some(found);
+                break;
+            }
+            Err(e) => failures.record(ep, e),
+        }
+    }
+    let Some((manifest, digest, list_digest)) = resolved else {
+        return Err(failures.into_error());
     };
-    ensure_crypto_provider();
-    let client = Client::new(ClientConfig {
-        protocol,
-        ..Default::default()
-    });
-    let err = |e| registry_error(&whole, e);
-    let (manifest, digest, list_digest) = client
-        .pull_image_manifest_and_list_digest(&reference, auth)
-        .await
-        .map_err(err)?;
-    let mut config_bytes = Vec::new();
-    client
-        .pull_blob(&reference, &manifest.config, &mut config_bytes)
-        .await
-        .map_err(err)?;
+    let config_bytes = fetch_blob(&endpoints, &whole, auth, &manifest.config, Blob::Memory).await?;
     let bad = |reason: String| ImageError::BadImage {
         reference: whole.clone(),
         reason,
@@ -149,16 +326,9 @@ pub async fn pull(
         let unique = store::random_id()?;
         let blob = store.tmp_dir().join(format!("blob-{unique}"));
         let dest = store.tmp_dir().join(format!("layer-{unique}"));
-        let file =
-            tokio::fs::File::create(&blob)
-                .await
-                .map_err(|source| store::StoreError::Io {
-                    path: blob.clone(),
-                    source,
-                })?;
-        let pulled = client.pull_blob(&reference, layer, file).await.map_err(err);
+        let pulled = fetch_blob(&endpoints, &whole, auth, layer, Blob::File(&blob)).await;
         let unpacked = match pulled {
-            Ok(()) => {
+            Ok(_) => {
                 let (b, d, media, diff) = (
                     blob.clone(),
                     dest.clone(),
@@ -248,6 +418,7 @@ mod tests {
     fn loopback_and_listed_registries_use_plain_http() {
         let opts = PullOptions {
             insecure_registries: vec!["reg.lan".into(), "10.0.0.1:5000".into()],
+            ..Default::default()
         };
         for r in [
             "localhost:5000",

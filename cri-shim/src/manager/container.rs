@@ -18,6 +18,7 @@ use crate::error::CriError;
 use crate::monitor::{ExitRecord, StdioArgs};
 use crate::oci::spec::{self, SandboxFiles, SpecInput};
 use crate::oci::user;
+use crate::process::ProcessRef;
 use crate::runtime::{CreateParams, ExecOutput, RuntimeError};
 use crate::store::{self, StoreError};
 
@@ -45,7 +46,7 @@ pub fn exit_reason(rec: &ContainerRecord) -> &'static str {
     }
 }
 
-fn mkdirs(path: &Path) -> Result<(), CriError> {
+pub(super) fn mkdirs(path: &Path) -> Result<(), CriError> {
     std::fs::create_dir_all(path).map_err(|source| {
         StoreError::Io {
             path: path.to_path_buf(),
@@ -53,6 +54,78 @@ fn mkdirs(path: &Path) -> Result<(), CriError> {
         }
         .into()
     })
+}
+
+/// Mounts `image`'s layers as an overlayfs at `root/rootfs` (writable layer `root/upper`);
+/// returns the rootfs path. Undone by [`unmount_rootfs`].
+pub(super) fn mount_rootfs(
+    root: &Path,
+    image: &crate::image::ImageRecord,
+    images: &crate::image::ImageStore,
+) -> Result<PathBuf, CriError> {
+    let (upper, work, rootfs) = (root.join("upper"), root.join("work"), root.join("rootfs"));
+    for d in [&upper, &work, &rootfs] {
+        mkdirs(d)?;
+    }
+    let mut lowers: Vec<PathBuf> = image
+        .chain_ids
+        .iter()
+        .rev()
+        .map(|c| images.layer_dir(c))
+        .collect();
+    if lowers.is_empty() {
+        let empty = root.join("empty");
+        mkdirs(&empty)?;
+        lowers.push(empty);
+    }
+    let lower = lowers
+        .iter()
+        .map(|p| p.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(":");
+    let data = format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay"),
+        &rootfs,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(mount_err("mounting overlay rootfs on", &rootfs))?;
+    Ok(rootfs)
+}
+
+/// Unmounts the rootfs [`mount_rootfs`] made under `root`; not mounted is success.
+pub(super) fn unmount_rootfs(root: &Path) -> Result<(), CriError> {
+    unmount(&root.join("rootfs"))
+}
+
+/// Gives a deleted container's monitor up to 2 s to record the exit and leave, then kills
+/// it, so nothing writes into the container's directories once they are removed.
+pub(super) async fn finish_monitor(monitor: Option<ProcessRef>) {
+    if let Some(m) = monitor {
+        for _ in 0..100 {
+            if !m.is_alive() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        m.signal(Signal::SIGKILL);
+    }
+}
+
+/// Writes `spec` as the bundle's `config.json` (atomically).
+pub(super) fn write_bundle(bundle: &Path, spec: &oci_spec::runtime::Spec) -> Result<(), CriError> {
+    let path = bundle.join("config.json");
+    let json = serde_json::to_vec_pretty(spec).map_err(|source| StoreError::Corrupt {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(store::write_atomic(&path, &json)?)
 }
 
 impl Manager {
@@ -68,10 +141,6 @@ impl Manager {
 
     fn bundle(&self, id: &str) -> PathBuf {
         self.container_state_dir(id).join("bundle")
-    }
-
-    fn rootfs(&self, id: &str) -> PathBuf {
-        self.container_root_dir(id).join("rootfs")
     }
 
     /// The record with the monitor's exit record folded in; a container whose monitor and
@@ -222,40 +291,8 @@ impl Manager {
         image: &crate::image::ImageRecord,
     ) -> Result<(), CriError> {
         self.save_container(rec)?;
-        let root = self.container_root_dir(&rec.id);
-        let (upper, work, rootfs) = (root.join("upper"), root.join("work"), root.join("rootfs"));
-        for d in [&upper, &work, &rootfs, &self.bundle(&rec.id)] {
-            mkdirs(d)?;
-        }
-        let mut lowers: Vec<PathBuf> = image
-            .chain_ids
-            .iter()
-            .rev()
-            .map(|c| self.images.layer_dir(c))
-            .collect();
-        if lowers.is_empty() {
-            let empty = root.join("empty");
-            mkdirs(&empty)?;
-            lowers.push(empty);
-        }
-        let lower = lowers
-            .iter()
-            .map(|p| p.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(":");
-        let data = format!(
-            "lowerdir={lower},upperdir={},workdir={}",
-            upper.display(),
-            work.display()
-        );
-        mount(
-            Some("overlay"),
-            &rootfs,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(data.as_str()),
-        )
-        .map_err(mount_err("mounting overlay rootfs on", &rootfs))?;
+        mkdirs(&self.bundle(&rec.id))?;
+        let rootfs = mount_rootfs(&self.container_root_dir(&rec.id), image, &self.images)?;
 
         let config = rec.config.0.clone();
         let sc = config
@@ -309,11 +346,7 @@ impl Manager {
             devices,
         })?;
         let bundle = self.bundle(&rec.id);
-        let spec_json = serde_json::to_vec_pretty(&spec).map_err(|e| StoreError::Corrupt {
-            path: bundle.join("config.json"),
-            source: e,
-        })?;
-        store::write_atomic(&bundle.join("config.json"), &spec_json)?;
+        write_bundle(&bundle, &spec)?;
         if let Some(parent) = rec.log_path.as_ref().and_then(|p| p.parent()) {
             mkdirs(parent)?;
         }
@@ -328,7 +361,7 @@ impl Manager {
                 log_path: rec.log_path.as_deref(),
                 exit_file: &self.exit_file(&rec.id),
                 memory_cgroup: memory_cgroup.as_deref(),
-                attach_socket: &self.attach_socket(&rec.id),
+                attach_socket: Some(&self.attach_socket(&rec.id)),
                 stdio: StdioArgs {
                     stdin: config.stdin,
                     stdin_once: config.stdin_once,
@@ -337,7 +370,7 @@ impl Manager {
             })
             .await?;
         rec.pid = pid;
-        rec.monitor = crate::process::ProcessRef::of(monitor_pid as i32);
+        rec.monitor = ProcessRef::of(monitor_pid as i32);
         rec.phase = ContainerPhase::Created;
         self.save_container(rec)
     }
@@ -466,16 +499,8 @@ impl Manager {
     /// Removes the container's runtime state, rootfs mount, directories, record and name.
     pub(super) async fn destroy_container(&self, rec: &ContainerRecord) -> Result<(), CriError> {
         self.runtime.delete(&rec.id).await?;
-        if let Some(m) = rec.monitor {
-            for _ in 0..100 {
-                if !m.is_alive() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            m.signal(Signal::SIGKILL);
-        }
-        unmount(&self.rootfs(&rec.id))?;
+        finish_monitor(rec.monitor).await;
+        unmount_rootfs(&self.container_root_dir(&rec.id))?;
         store::remove_dir_all(&self.container_root_dir(&rec.id))?;
         store::remove_dir_all(&self.container_state_dir(&rec.id))?;
         lock(&self.containers).remove(&rec.id);
@@ -575,18 +600,26 @@ impl Manager {
         self.save_container(&rec)
     }
 
-    /// Chain IDs of layers that existing containers run on (kept when images are removed).
+    /// Chain IDs of layers that existing containers and sandbox containers run on (kept when
+    /// images are removed).
     pub fn layers_in_use(&self) -> std::collections::HashSet<String> {
-        lock(&self.containers)
+        let mut in_use: std::collections::HashSet<String> = lock(&self.containers)
             .values()
             .flat_map(|c| c.chain_ids.clone())
-            .collect()
+            .collect();
+        in_use.extend(
+            lock(&self.sandboxes)
+                .values()
+                .filter_map(|s| s.sandbox_container.as_ref())
+                .flat_map(|p| p.chain_ids.clone()),
+        );
+        in_use
     }
 }
 
 /// The lowest oom_score_adj containers may get: the shim's own when it lacks
 /// CAP_SYS_RESOURCE (lowering needs it), no floor otherwise.
-fn oom_score_adj_floor() -> Option<i32> {
+pub(super) fn oom_score_adj_floor() -> Option<i32> {
     const CAP_SYS_RESOURCE: u32 = 24;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let cap_eff = status

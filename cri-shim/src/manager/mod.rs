@@ -9,6 +9,7 @@ pub mod container;
 pub mod files;
 pub mod records;
 pub mod sandbox;
+pub mod sandbox_container;
 pub mod stats;
 
 use std::collections::{BTreeMap, HashMap};
@@ -101,6 +102,7 @@ impl Manager {
             opts.state.join("containers"),
             opts.state.join("runtime"),
             opts.root.join("containers"),
+            opts.root.join("sandboxes"),
         ] {
             std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir, source })?;
         }
@@ -121,6 +123,7 @@ impl Manager {
             images: ImageStore::open(opts.root.join("images"))?,
             pull_opts: PullOptions {
                 insecure_registries: opts.insecure_registry.clone(),
+                registry_config_dir: opts.registry_config_dir.clone(),
             },
             cgroups,
             pause_binary: Options::sibling_binary(&opts.pause_path, "nodekit-pause"),

@@ -89,6 +89,21 @@ pub struct SandboxRecord {
     pub cni: Option<CniAttachment>,
     /// The cgroup (relative to each hierarchy) holding the pause process.
     pub cgroup: Option<PathBuf>,
+    /// With `--pause-image`: the sandbox container holding the namespaces instead of
+    /// `nodekit-pause` (runtime ID = sandbox ID). Absent in older shims' records.
+    #[serde(default)]
+    pub sandbox_container: Option<SandboxContainer>,
+}
+
+/// A sandbox container: its image (layers kept from garbage collection) and monitor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxContainer {
+    /// The pause image's ID.
+    pub image_id: String,
+    /// Its layer stack (chain IDs, bottom first).
+    pub chain_ids: Vec<String>,
+    /// The monitor that created it, once created.
+    pub monitor: Option<ProcessRef>,
 }
 
 /// Where a container is in its life, as far as the shim drove it (an exit record written by

@@ -16,6 +16,7 @@ use super::{now_ns, unmount, Manager};
 use crate::cgroups::CgroupDriver;
 use crate::cni::{self, Attachment, NetworkList};
 use crate::error::CriError;
+use crate::image::ImageRecord;
 use crate::pause::{self, PauseArgs};
 use crate::store;
 
@@ -153,6 +154,10 @@ impl Manager {
         } else {
             Some(self.network_config()?)
         };
+        let pause_image = match &self.opts.pause_image {
+            Some(reference) => Some(self.ensure_pause_image(reference).await?),
+            None => None,
+        };
         let id = store::random_id()?;
         self.reserve_name(&name, &id)?;
         let _guard = self.lock_id(&id).await;
@@ -168,8 +173,11 @@ impl Manager {
             ips: vec![],
             cni: None,
             cgroup: None,
+            sandbox_container: None,
         };
-        let result = self.set_up_sandbox(&mut rec, network).await;
+        let result = self
+            .set_up_sandbox(&mut rec, network, pause_image.as_ref())
+            .await;
         match result {
             Ok(()) => Ok(id),
             Err(err) => {
@@ -184,6 +192,7 @@ impl Manager {
         &self,
         rec: &mut SandboxRecord,
         network: Option<NetworkList>,
+        pause_image: Option<&ImageRecord>,
     ) -> Result<(), CriError> {
         let dir = self.sandbox_dir(&rec.id);
         self.save_sandbox(rec)?;
@@ -243,32 +252,47 @@ impl Manager {
             files::mount_shm(&dir.join(SHM_DIR))?;
         }
 
-        let holder = pause::spawn(
-            &self.pause_binary,
-            &PauseArgs {
-                netns: rec.netns.clone(),
-                hostname: (!host_network).then_some(hostname),
-                new_ipc: ipc_mode != NamespaceMode::Node,
-                new_pid: pid_mode != NamespaceMode::Node,
-                inner: false,
-            },
-        )
-        .await?;
+        let parent = config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.as_str())
+            .unwrap_or_default();
+        let cgroups_path = self.opts.cgroup_driver.cgroups_path(parent, &rec.id);
+        let pod_hostname = (!host_network).then_some(hostname);
+        let holder = match pause_image {
+            Some(image) => {
+                self.start_sandbox_container(
+                    rec,
+                    image,
+                    pod_hostname.as_deref(),
+                    cgroups_path.clone(),
+                )
+                .await?
+            }
+            None => {
+                pause::spawn(
+                    &self.pause_binary,
+                    &PauseArgs {
+                        netns: rec.netns.clone(),
+                        hostname: pod_hostname,
+                        new_ipc: ipc_mode != NamespaceMode::Node,
+                        new_pid: pid_mode != NamespaceMode::Node,
+                        inner: false,
+                    },
+                )
+                .await?
+            }
+        };
         rec.pause = Some(holder);
         self.save_sandbox(rec)?;
         if self.opts.cgroup_driver == CgroupDriver::Cgroupfs {
-            let parent = config
-                .linux
-                .as_ref()
-                .map(|l| l.cgroup_parent.as_str())
-                .unwrap_or_default();
-            let cgroup = self
-                .opts
-                .cgroup_driver
-                .fs_path(&self.opts.cgroup_driver.cgroups_path(parent, &rec.id));
+            let cgroup = self.opts.cgroup_driver.fs_path(&cgroups_path);
             rec.cgroup = Some(cgroup.clone());
             self.save_sandbox(rec)?;
-            self.cgroups.enter(&cgroup, holder.pid as u32)?;
+            // The runtime put a sandbox container in its cgroup already.
+            if rec.sandbox_container.is_none() {
+                self.cgroups.enter(&cgroup, holder.pid as u32)?;
+            }
         }
         rec.phase = SandboxPhase::Ready;
         self.save_sandbox(rec)
@@ -337,6 +361,7 @@ impl Manager {
             self.stop_container_locked(c, 0).await?;
         }
         self.kill_pause(&rec).await;
+        self.remove_sandbox_container(&rec).await?;
         unmount(&self.sandbox_dir(&rec.id).join(SHM_DIR))?;
         if let Some(att) = rec.cni.clone() {
             let network = NetworkList::from_value(&att.network)?;
@@ -391,9 +416,13 @@ impl Manager {
     }
 
     /// Best-effort teardown of a sandbox that failed to come up (or was half created by a
-    /// crashed process): pause, CNI DEL, netns, cgroup, files, record, name.
+    /// crashed process): pause (and the sandbox container), CNI DEL, netns, cgroup, files,
+    /// record, name.
     pub(super) async fn destroy_sandbox(&self, rec: SandboxRecord) {
         self.kill_pause(&rec).await;
+        if let Err(err) = self.remove_sandbox_container(&rec).await {
+            tracing::error!(sandbox_id = %rec.id, %err, "removing the sandbox container during rollback failed");
+        }
         if let Some(att) = &rec.cni {
             match NetworkList::from_value(&att.network) {
                 Ok(network) => {

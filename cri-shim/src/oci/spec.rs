@@ -591,6 +591,9 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
                 .bounding(caps.clone())
                 .effective(caps.clone())
                 .permitted(caps)
+                // oci-spec's default inheritable set would make capset fail once the
+                // bounding set lacks one of its caps; containerd leaves it empty too.
+                .inheritable(Capabilities::new())
                 .ambient(ambient)
                 .build()?,
         )

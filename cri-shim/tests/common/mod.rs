@@ -22,6 +22,14 @@ pub mod apiserver;
 /// A CNI plugin (in the lab's CNI bin dir) that refuses every ADD with code 11.
 const FAIL_PLUGIN: &str = "#!/bin/sh\ncat >/dev/null\n[ \"$CNI_COMMAND\" = ADD ] || exit 0\necho '{\"cniVersion\":\"1.0.0\",\"code\":11,\"msg\":\"nk-fail refuses this pod\"}'\nexit 1\n";
 
+/// An ImageSpec naming `name`.
+pub fn image_spec(name: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec {
+        image: name.into(),
+        ..Default::default()
+    })
+}
+
 pub struct Lab {
     pub runtime: RuntimeServiceClient<Channel>,
     pub images: ImageServiceClient<Channel>,
@@ -29,6 +37,7 @@ pub struct Lab {
     pub node: NetNs,
     pub prefix: String,
     pub cgroup_parent: String,
+    /// Flags `start_shim` adds after the lab's.
     shim_args: Vec<String>,
     lab: CriLab,
 }
@@ -113,6 +122,12 @@ impl Lab {
         self.images = ImageServiceClient::new(ch);
     }
 
+    /// Restarts the shim with `args` after the lab's flags (kept for later restarts).
+    pub async fn restart_shim_with(&mut self, args: &[&str]) {
+        self.shim_args = args.iter().map(|a| a.to_string()).collect();
+        self.start_shim().await;
+    }
+
     /// Kills the shim like a crash would (SIGKILL), leaving pods and containers running.
     pub fn kill_shim(&mut self) {
         self.lab.kill_runtime();
@@ -147,15 +162,23 @@ impl Lab {
 
     pub async fn run_pod(&mut self, name: &str) -> String {
         let config = self.sandbox_config(name);
+        self.run_pod_with(config)
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.shim_log()))
+    }
+
+    /// RunPodSandbox with `config` and the default handler.
+    pub async fn run_pod_with(
+        &mut self,
+        config: cri::PodSandboxConfig,
+    ) -> Result<String, tonic::Status> {
         self.runtime
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(config),
                 runtime_handler: String::new(),
             })
             .await
-            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.shim_log()))
-            .into_inner()
-            .pod_sandbox_id
+            .map(|r| r.into_inner().pod_sandbox_id)
     }
 
     /// Creates and starts a container; returns its ID.
@@ -178,13 +201,28 @@ impl Lab {
         config: cri::ContainerConfig,
     ) -> String {
         let id = self.create_container_with(pod, pod_name, config).await;
+        self.start_container(&id).await;
+        id
+    }
+
+    /// Runs busybox httpd on port 8080 serving `/www` (`hello from nk\n` at `/index.html`).
+    pub async fn run_httpd(&mut self, pod: &str, pod_name: &str) -> String {
+        self.run_container(
+            pod,
+            pod_name,
+            "httpd",
+            &["httpd", "-f", "-p", "8080", "-h", "/www"],
+        )
+        .await
+    }
+
+    pub async fn start_container(&mut self, id: &str) {
         self.runtime
             .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
+                container_id: id.into(),
             })
             .await
             .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", self.shim_log()));
-        id
     }
 
     pub async fn create_container(
@@ -239,6 +277,148 @@ impl Lab {
             .into_inner()
             .status
             .unwrap()
+    }
+
+    pub async fn sandbox_status(&mut self, id: &str) -> cri::PodSandboxStatus {
+        self.runtime
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+    }
+
+    pub async fn image_status(&mut self, name: &str) -> Option<cri::Image> {
+        self.images
+            .image_status(cri::ImageStatusRequest {
+                image: image_spec(name),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image
+    }
+
+    pub async fn list_pods(&mut self) -> Vec<cri::PodSandbox> {
+        self.runtime
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items
+    }
+
+    /// Asserts that nothing pods or containers made is left: no pod netns, runc state, mount
+    /// under the lab, process in the lab's cgroups or held address.
+    pub fn assert_nothing_left(&self) {
+        assert!(
+            self.leftover_netns().is_empty(),
+            "{:?}",
+            self.leftover_netns()
+        );
+        let runc = self.leftover_runtime_containers();
+        assert!(runc.is_empty(), "runc state left: {runc:?}");
+        let mounts = self.leftover_mounts();
+        assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+        assert!(self.cgroup_pids().is_empty(), "processes left");
+        let held = self.held_addresses();
+        assert!(held.is_empty(), "addresses still held: {held:?}");
+    }
+
+    /// Pod addresses host-local still holds for the lab's network.
+    pub fn held_addresses(&self) -> Vec<String> {
+        std::fs::read_dir(self.path("ipam/nk-test"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("10."))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Fetches `url` with wget in the container `probe` until it answers `body` (10 s).
+    pub async fn expect_http(&mut self, probe: &str, url: &str, body: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self
+                .exec(probe, &["wget", "-q", "-O", "-", url], 5)
+                .await
+                .unwrap();
+            if got.exit_code == 0 {
+                assert_eq!(String::from_utf8_lossy(&got.stdout), body);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{probe} cannot reach {url}: {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Runs a hostNetwork pod with one `sleep` container and checks it has the node's network
+    /// (no pod netns or IP; the registry on the node's loopback answers) and hostname.
+    /// Returns the pod ID.
+    pub async fn run_host_network_pod(&mut self) -> String {
+        self.pull().await;
+        let mut config = self.sandbox_config("hostnet");
+        config.linux.as_mut().unwrap().security_context = Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                network: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let pod = self
+            .run_pod_with(config)
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.shim_log()));
+        assert!(
+            self.leftover_netns().is_empty(),
+            "no pod netns for hostNetwork"
+        );
+        let status = self.sandbox_status(&pod).await;
+        assert_eq!(status.network.unwrap().ip, "");
+        let c = self
+            .create_container(&pod, "hostnet", "c", &["sleep", "3600"])
+            .await;
+        self.start_container(&c).await;
+        // The registry listens on the node namespace's loopback: reachable only from there.
+        let got = self
+            .exec(
+                &c,
+                &["wget", "-q", "-O", "-", "http://127.0.0.1:5000/v2/"],
+                5,
+            )
+            .await
+            .unwrap();
+        assert_eq!(got.exit_code, 0, "{got:?}");
+        let host = nix::unistd::gethostname()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let name = self.exec(&c, &["hostname"], 5).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&name.stdout).trim(), host);
+        pod
+    }
+
+    /// The host PID of the init process of the runtime (runc) container `id`.
+    pub fn runc_pid(&self, id: &str) -> i32 {
+        let out = std::process::Command::new(nodekit_conformance::cri::lab::RUNC)
+            .arg("--root")
+            .arg(self.path("state/runtime"))
+            .args(["state", id])
+            .output()
+            .unwrap();
+        let state: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("runc state {id}: {e}: {out:?}"));
+        state["pid"].as_i64().unwrap() as i32
     }
 
     pub async fn wait_exited(&mut self, id: &str) -> cri::ContainerStatus {
