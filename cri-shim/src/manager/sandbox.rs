@@ -200,7 +200,7 @@ impl Manager {
         let meta = config.metadata.clone().unwrap_or_default();
         let (_, pid_mode, ipc_mode) = namespace_modes(&config);
 
-        if let Some(network) = network {
+        if let Some(network) = &network {
             let ns_name = format!("{}{}", self.opts.netns_prefix, &rec.id[..16]);
             let ns = nodekit_nsutil::NamedNetNs::create(&ns_name)?;
             rec.netns = Some(ns.path().to_path_buf());
@@ -209,16 +209,6 @@ impl Manager {
                 network: network.to_value(),
                 result: None,
             });
-            self.save_sandbox(rec)?;
-            let att = self.attachment(rec);
-            let result = self.cni.add(&network, &att).await?;
-            rec.ips = cni::pod_ips(&result)
-                .iter()
-                .map(|ip| ip.to_string())
-                .collect();
-            if let Some(c) = rec.cni.as_mut() {
-                c.result = Some(result);
-            }
             self.save_sandbox(rec)?;
         }
 
@@ -237,20 +227,13 @@ impl Manager {
         };
         write("hostname", format!("{hostname}\n"))?;
         write(
-            "hosts",
-            if host_network {
-                std::fs::read_to_string("/etc/hosts").unwrap_or_default()
-            } else {
-                files::hosts(&hostname, &rec.ips)
-            },
-        )?;
-        write(
             "resolv.conf",
             files::resolv_conf(config.dns_config.as_ref(), Path::new("/etc/resolv.conf")),
         )?;
         if ipc_mode != NamespaceMode::Node {
             files::mount_shm(&dir.join(SHM_DIR))?;
         }
+        let pod_hostname = (!host_network).then_some(hostname.clone());
 
         let parent = config
             .linux
@@ -258,27 +241,36 @@ impl Manager {
             .map(|l| l.cgroup_parent.as_str())
             .unwrap_or_default();
         let cgroups_path = self.opts.cgroup_driver.cgroups_path(parent, &rec.id);
-        let pod_hostname = (!host_network).then_some(hostname);
+        let att = self.attachment(rec);
+        let add = async {
+            match &network {
+                Some(network) => self.cni.add(network, &att).await.map(Some),
+                None => Ok(None),
+            }
+        };
         let holder = match pause_image {
+            None => {
+                // CNI ADD and nodekit-pause need only the netns, so they start together; the
+                // pause process is recorded even when ADD fails, for the rollback to kill.
+                let args = PauseArgs {
+                    netns: rec.netns.clone(),
+                    hostname: pod_hostname,
+                    new_ipc: ipc_mode != NamespaceMode::Node,
+                    new_pid: pid_mode != NamespaceMode::Node,
+                    inner: false,
+                };
+                let (added, paused) = tokio::join!(add, pause::spawn(&self.pause_binary, &args));
+                rec.pause = paused.as_ref().ok().copied();
+                self.record_network(rec, added?, &hostname)?;
+                paused?
+            }
             Some(image) => {
+                self.record_network(rec, add.await?, &hostname)?;
                 self.start_sandbox_container(
                     rec,
                     image,
                     pod_hostname.as_deref(),
                     cgroups_path.clone(),
-                )
-                .await?
-            }
-            None => {
-                pause::spawn(
-                    &self.pause_binary,
-                    &PauseArgs {
-                        netns: rec.netns.clone(),
-                        hostname: pod_hostname,
-                        new_ipc: ipc_mode != NamespaceMode::Node,
-                        new_pid: pid_mode != NamespaceMode::Node,
-                        inner: false,
-                    },
                 )
                 .await?
             }
@@ -296,6 +288,34 @@ impl Manager {
         }
         rec.phase = SandboxPhase::Ready;
         self.save_sandbox(rec)
+    }
+
+    /// Records what CNI ADD returned (none for hostNetwork pods) and writes the pod's
+    /// `/etc/hosts`, which names its addresses (the node's file for hostNetwork pods).
+    fn record_network(
+        &self,
+        rec: &mut SandboxRecord,
+        added: Option<Value>,
+        hostname: &str,
+    ) -> Result<(), CriError> {
+        let hosts = match added {
+            Some(result) => {
+                rec.ips = cni::pod_ips(&result)
+                    .iter()
+                    .map(|ip| ip.to_string())
+                    .collect();
+                if let Some(c) = rec.cni.as_mut() {
+                    c.result = Some(result);
+                }
+                files::hosts(hostname, &rec.ips)
+            }
+            None => std::fs::read_to_string("/etc/hosts").unwrap_or_default(),
+        };
+        self.save_sandbox(rec)?;
+        Ok(store::write_atomic(
+            &self.sandbox_dir(&rec.id).join("hosts"),
+            hosts.as_bytes(),
+        )?)
     }
 
     fn attachment(&self, rec: &SandboxRecord) -> Attachment {
