@@ -178,6 +178,9 @@ impl KernelLoopDevices {
         match std::fs::read_to_string(&path) {
             Ok(s) => Ok(Some(s.trim_end_matches('\n').to_string())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            // The kernel removed the attribute between our open and read: the device is
+            // being detached (ours, or another process's).
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
             Err(source) => Err(LoopDeviceError::Sysfs { path, source }),
         }
     }

@@ -1,6 +1,7 @@
 //! The startup reconcile: makes the kernel match the state files after a crash or restart.
-//! Clears creates that never finished, re-attaches and re-mounts what staged volumes need,
-//! forgets publications whose mounts are gone, and detaches loop devices on pool images
+//! Clears creates that never finished, forgets node records a power loss tore, re-attaches
+//! and re-mounts what staged volumes need, forgets publications whose mounts are gone, and
+//! detaches loop devices on pool images
 //! that no staged volume owns. It never deletes an image that a ready record names, and
 //! leaves any device that is still mounted somewhere.
 
@@ -93,6 +94,7 @@ impl Driver {
         // path and targets, so what one record's repair changes no other record reads.
         let attached = self.loops.list()?;
         let mounts = self.mounter.mounts()?;
+        self.forget_torn_stages()?;
         for rec in self.store.list::<NodeRecord>(Kind::Node)? {
             let mut rec = self.with_publications(rec)?;
             owned.insert(rec.image.clone());
@@ -148,6 +150,18 @@ impl Driver {
             }
         }
         Ok(owned)
+    }
+
+    /// Removes node records torn by a power loss during their volatile write: that power
+    /// loss also took their loop device and mount, and the kubelet stages them again.
+    fn forget_torn_stages(&self) -> Result<(), CsiError> {
+        for id in self.store.ids(Kind::Node)? {
+            if let Ok(Some(Stored::Torn)) = self.store.get_or_torn::<NodeRecord>(Kind::Node, &id) {
+                tracing::warn!(volume = %id, "torn node record: not staged");
+                self.store.remove(Kind::Node, &id)?;
+            }
+        }
+        Ok(())
     }
 
     fn detach_orphans(

@@ -6,7 +6,15 @@
 //! A staged volume's published targets live in a file of their own, written without any
 //! fsync (temp file and rename: a process crash still sees old or new): a power loss unmounts
 //! every target anyway, so after one the file is only a hint that the reconcile checks
-//! against the mount table, and a torn one reads as "no publications".
+//! against the mount table, and a torn one reads as "no publications". An empty set is no
+//! file.
+//!
+//! A node record is also written without fsync, but removed durably. It describes kernel
+//! state (a loop device, a staging mount) that a power loss takes away, and the kubelet
+//! stages again when it finds the staging path unmounted, so losing a fresh record loses no
+//! data and no mount; a torn one reads as "not staged". Its removal at unstage is fsynced:
+//! a record that came back after a power loss would make the startup reconcile re-mount a
+//! volume the kubelet had unstaged.
 //!
 //! Layout: `volumes/<volume-id>.json` and `snapshots/<snapshot-id>.json` (controller),
 //! `node/<volume-id>.json` and `publications/<volume-id>.json` (node). Controller and node
@@ -30,7 +38,7 @@ pub enum Kind {
     Volumes,
     /// [`SnapshotRecord`]s.
     Snapshots,
-    /// [`NodeRecord`]s.
+    /// [`NodeRecord`]s (written without fsync, removed durably: see the module doc).
     Node,
     /// [`Publications`] of staged volumes (not durable: see the module doc).
     Publications,
@@ -281,7 +289,8 @@ impl StateStore {
     /// Writes record `id` of `kind` without any fsync: after a process crash the old record
     /// or the new one is there; after a power loss it may be old, new, missing or torn (see
     /// [`Self::get_or_torn`]). Only for records a crash lets the driver re-derive or redo:
-    /// publications (kernel state a power loss clears) and `Creating` records.
+    /// node records and publications (kernel state a power loss clears) and `Creating`
+    /// records.
     pub fn put_volatile<T: Serialize>(
         &self,
         kind: Kind,
