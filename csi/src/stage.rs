@@ -218,6 +218,7 @@ impl Driver {
             staging_path: staging.to_path_buf(),
             access,
             access_mode: cap.mode as i32,
+            boot_id: Some(self.boot_id.clone()),
             publications: Publications::new(),
         };
         let publications = existing.map(|rec| rec.publications).unwrap_or_default();
@@ -331,9 +332,10 @@ impl Driver {
         for device in devices {
             self.loops.detach(device)?;
         }
+        // Not fsynced: see `Kind::Node` (the reconcile drops records of earlier boots).
         self.store
             .remove_volatile(Kind::Publications, id.as_str())?;
-        self.store.remove(Kind::Node, id.as_str())?;
+        self.store.remove_volatile(Kind::Node, id.as_str())?;
         tracing::info!(volume = %id, staging = %staging.display(), "volume unstaged");
         Ok(())
     }
@@ -1095,7 +1097,8 @@ mod tests {
         // What a power loss during the record's volatile write can leave.
         std::fs::write(&record, [0u8; 64]).expect("torn record");
         assert!(rig.driver.node_record(&rig.id).expect("read").is_none());
-        rig.driver.reconcile().expect("reconcile");
+        let done = rig.driver.reconcile().expect("reconcile");
+        assert_eq!(done.forgotten, vec![rig.id.to_string()]);
         assert!(!record.exists(), "torn record removed");
         let staging = rig.path("s");
         std::fs::write(&record, b"").expect("empty record");
@@ -1103,6 +1106,44 @@ mod tests {
             .stage(&rig.id, &staging, &cap(None, Mode::SingleNodeWriter), None)
             .expect("stage over a torn record");
         assert!(rig.driver.node_record(&rig.id).expect("read").is_some());
+    }
+
+    #[test]
+    fn the_reconcile_restores_stages_of_this_boot_and_drops_those_of_an_earlier_one() {
+        let rig = Rig::new(Some(FsType::Ext4));
+        let staging = rig.path("s");
+        let c = cap(None, Mode::SingleNodeWriter);
+        rig.driver
+            .stage(&rig.id, &staging, &c, None)
+            .expect("stage");
+        let lose_kernel_state = || {
+            rig.loops.attached.lock().expect("lock").clear();
+            rig.mounts.table.lock().expect("lock").clear();
+        };
+        lose_kernel_state();
+        let done = rig.driver.reconcile().expect("reconcile");
+        assert_eq!(done.reattached, vec![rig.id.to_string()]);
+        assert_eq!(done.remounted, vec![rig.id.to_string()]);
+
+        let mut rec: NodeRecord = rig
+            .driver
+            .store
+            .get(Kind::Node, rig.id.as_str())
+            .expect("read")
+            .expect("record");
+        assert_eq!(rec.boot_id.as_deref(), Some(rig.driver.boot_id.as_str()));
+        rec.boot_id = Some("an-earlier-boot".into());
+        rig.driver
+            .store
+            .put_volatile(Kind::Node, rig.id.as_str(), &rec)
+            .expect("write");
+        lose_kernel_state();
+        let calls = rig.calls().len();
+        let done = rig.driver.reconcile().expect("reconcile");
+        assert_eq!(done.forgotten, vec![rig.id.to_string()]);
+        assert!(done.reattached.is_empty() && done.remounted.is_empty());
+        assert_eq!(rig.calls().len(), calls, "nothing attached or mounted");
+        assert!(rig.driver.node_record(&rig.id).expect("read").is_none());
     }
 
     #[test]
