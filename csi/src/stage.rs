@@ -949,6 +949,25 @@ mod tests {
             self.loops.calls.lock().expect("lock").clone()
         }
 
+        /// The volume's file in state directory `kind` (`node`, `publications`).
+        fn state_file(&self, kind: &str) -> PathBuf {
+            self.dir
+                .path()
+                .join("state")
+                .join(kind)
+                .join(format!("{}.json", self.id))
+        }
+
+        /// Stages the volume at `s` as a single-node writer.
+        fn stage(&self) -> (PathBuf, Capability) {
+            let staging = self.path("s");
+            let c = cap(None, Mode::SingleNodeWriter);
+            self.driver
+                .stage(&self.id, &staging, &c, None)
+                .expect("stage");
+            (staging, c)
+        }
+
         fn grow_image(&self, size: u64) {
             crate::image::grow(&self.driver.volume_image(&self.id), size).expect("grow");
         }
@@ -1089,33 +1108,22 @@ mod tests {
     #[test]
     fn a_torn_node_record_means_not_staged_and_the_reconcile_removes_it() {
         let rig = Rig::new(Some(FsType::Ext4));
-        let record = rig
-            .dir
-            .path()
-            .join("state/node")
-            .join(format!("{}.json", rig.id));
+        let record = rig.state_file("node");
         // What a power loss during the record's volatile write can leave.
         std::fs::write(&record, [0u8; 64]).expect("torn record");
         assert!(rig.driver.node_record(&rig.id).expect("read").is_none());
         let done = rig.driver.reconcile().expect("reconcile");
         assert_eq!(done.forgotten, vec![rig.id.to_string()]);
         assert!(!record.exists(), "torn record removed");
-        let staging = rig.path("s");
         std::fs::write(&record, b"").expect("empty record");
-        rig.driver
-            .stage(&rig.id, &staging, &cap(None, Mode::SingleNodeWriter), None)
-            .expect("stage over a torn record");
+        rig.stage();
         assert!(rig.driver.node_record(&rig.id).expect("read").is_some());
     }
 
     #[test]
     fn the_reconcile_restores_stages_of_this_boot_and_drops_those_of_an_earlier_one() {
         let rig = Rig::new(Some(FsType::Ext4));
-        let staging = rig.path("s");
-        let c = cap(None, Mode::SingleNodeWriter);
-        rig.driver
-            .stage(&rig.id, &staging, &c, None)
-            .expect("stage");
+        rig.stage();
         let lose_kernel_state = || {
             rig.loops.attached.lock().expect("lock").clear();
             rig.mounts.table.lock().expect("lock").clear();
@@ -1149,16 +1157,8 @@ mod tests {
     #[test]
     fn the_last_unpublish_removes_the_publications_file() {
         let rig = Rig::new(Some(FsType::Ext4));
-        let staging = rig.path("s");
-        let c = cap(None, Mode::SingleNodeWriter);
-        rig.driver
-            .stage(&rig.id, &staging, &c, None)
-            .expect("stage");
-        let file = rig
-            .dir
-            .path()
-            .join("state/publications")
-            .join(format!("{}.json", rig.id));
+        let (staging, c) = rig.stage();
+        let file = rig.state_file("publications");
         let target = rig.path("t");
         rig.driver
             .publish(&rig.id, &staging, &target, &c, false)
