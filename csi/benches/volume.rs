@@ -2,7 +2,9 @@
 //!
 //! 1. per 1 GiB ext4 volume, CreateVolume + NodeStageVolume + NodePublishVolume and the
 //!    reverse through the real driver, against the bare sequence (sparse file, loop attach,
-//!    mkfs, mount / umount, detach, remove) timed in the same run (goal: at most 1.2x);
+//!    mkfs, mount / umount, detach, remove) timed in the same run (goal: at most 1.2x),
+//!    with the cost of a no-op RPC (NodeGetCapabilities) on the same connection: the floor
+//!    that the driver's three RPCs per half add to the bare sequence;
 //! 2. CreateSnapshot of a 1 GiB volume holding 256 MiB of data on an xfs pool (reflink;
 //!    goal: under 50 ms);
 //! 3. 20 volumes created and staged in parallel (goal: no loop-device contention failure).
@@ -142,10 +144,22 @@ async fn parallel_creates(c: &Clients, lab: &Lab, n: usize) -> (Duration, usize)
     (took, failures)
 }
 
+/// One no-op RPC round trip.
+async fn noop_rpc(c: &mut Clients) -> Duration {
+    let start = Instant::now();
+    c.node
+        .node_get_capabilities(NodeGetCapabilitiesRequest {})
+        .await
+        .expect("NodeGetCapabilities");
+    start.elapsed()
+}
+
 /// Interleaves `rounds` bare and driver rounds and prints the medians and ratios.
 fn compare(rt: &tokio::runtime::Runtime, c: &mut Clients, lab: &Lab, rounds: usize, what: &str) {
     let (mut bare_up, mut bare_down, mut drv_up, mut drv_down) = (vec![], vec![], vec![], vec![]);
+    let mut noops = vec![];
     for i in 0..rounds {
+        noops.push(rt.block_on(noop_rpc(c)));
         let (u, d) = bare_round(lab, i);
         bare_up.push(u);
         bare_down.push(d);
@@ -174,6 +188,13 @@ fn compare(rt: &tokio::runtime::Runtime, c: &mut Clients, lab: &Lab, rounds: usi
     );
     let total = (du + dd).as_secs_f64() / (bu + bd).as_secs_f64();
     println!("  round trip ratio {total:.2}x (goal <= 1.2x)");
+    let noop = median(noops);
+    println!(
+        "  no-op RPC {:.2} ms: three per half put the floor at {:.2}x setup, {:.2}x teardown",
+        ms(noop),
+        (bu + noop * 3).as_secs_f64() / bu.as_secs_f64(),
+        (bd + noop * 3).as_secs_f64() / bd.as_secs_f64()
+    );
 }
 
 fn main() {

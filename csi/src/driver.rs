@@ -20,6 +20,8 @@ pub const TOPOLOGY_KEY: &str = "topology.nodekit.io/node";
 pub const DEFAULT_DRIVER_NAME: &str = "csi.nodekit.io";
 /// The kubelet root unless `--kubelet-root` says otherwise.
 pub const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kubelet";
+/// Where the kernel names the current boot: node records carry it (see `state`).
+pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 /// Which services this process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -85,6 +87,9 @@ pub enum StartError {
     /// The state directory could not be opened.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The boot ID could not be read.
+    #[error("reading {BOOT_ID}")]
+    BootId(#[source] std::io::Error),
 }
 
 /// The driver core shared by the services.
@@ -101,6 +106,8 @@ pub struct Driver {
     pub fs: Arc<dyn FsTools>,
     /// The path rule.
     pub paths: PathPolicy,
+    /// This boot's ID: node records written in another boot are stale.
+    pub boot_id: String,
     inflight: Arc<InFlight>,
     volumes_dir: PathBuf,
     snapshots_dir: PathBuf,
@@ -154,6 +161,10 @@ impl Driver {
         mkdir(&snapshots_dir)?;
         let store = StateStore::open(&config.state_dir)?;
         let paths = PathPolicy::new(&config.kubelet_root, config.allow_any_path);
+        let boot_id = std::fs::read_to_string(BOOT_ID)
+            .map_err(StartError::BootId)?
+            .trim()
+            .to_string();
         Ok(Self {
             config,
             store,
@@ -161,6 +172,7 @@ impl Driver {
             mounter,
             fs,
             paths,
+            boot_id,
             inflight: Arc::new(InFlight::default()),
             volumes_dir,
             snapshots_dir,

@@ -1,7 +1,8 @@
 //! Loop devices through the kernel's ioctls: attach an image file (`LOOP_CTL_GET_FREE` +
 //! `LOOP_CONFIGURE`, retried when another attacher wins the same free device), find the
-//! devices backed by a file (`/sys/block/loopN/loop/backing_file`), refresh the capacity
-//! after the image grew, detach.
+//! devices backed by a file (`/sys/block/loopN/loop/backing_file` of the devices that
+//! `/proc/partitions` lists: only those with a size, so one read skips the unbound devices
+//! other users leave behind), refresh the capacity after the image grew, detach.
 //!
 //! Devices are attached without `LO_FLAGS_AUTOCLEAR`: with it, a device used in block mode
 //! (only bind-mounted, never opened) would vanish as soon as this process closed its fd, and
@@ -23,6 +24,9 @@ use crate::sys;
 
 /// Where the kernel lists block devices.
 pub const SYS_BLOCK: &str = "/sys/block";
+/// Where the kernel lists the block devices that have a size (bound loop devices, not
+/// unbound ones).
+pub const PROC_PARTITIONS: &str = "/proc/partitions";
 /// The loop control device.
 pub const LOOP_CONTROL: &str = "/dev/loop-control";
 
@@ -94,10 +98,10 @@ pub enum LoopDeviceError {
         /// The image.
         backing: PathBuf,
     },
-    /// sysfs could not be read.
+    /// sysfs or /proc/partitions could not be read.
     #[error("reading {path}")]
     Sysfs {
-        /// The sysfs file or directory.
+        /// The file or directory.
         path: PathBuf,
         /// The OS error.
         #[source]
@@ -145,6 +149,7 @@ pub struct Attached {
 #[derive(Debug)]
 pub struct KernelLoopDevices {
     sys_block: PathBuf,
+    partitions: PathBuf,
     /// Serialises this process's GET_FREE + CONFIGURE pairs (other processes are handled by
     /// the EBUSY retry).
     attach_lock: Mutex<()>,
@@ -152,15 +157,17 @@ pub struct KernelLoopDevices {
 
 impl Default for KernelLoopDevices {
     fn default() -> Self {
-        Self::new(SYS_BLOCK)
+        Self::new(SYS_BLOCK, PROC_PARTITIONS)
     }
 }
 
 impl KernelLoopDevices {
-    /// Loop devices as listed under `sys_block` (normally [`SYS_BLOCK`]).
-    pub fn new(sys_block: impl Into<PathBuf>) -> Self {
+    /// Loop devices as `partitions` (normally [`PROC_PARTITIONS`]) lists them, with their
+    /// attributes under `sys_block` (normally [`SYS_BLOCK`]).
+    pub fn new(sys_block: impl Into<PathBuf>, partitions: impl Into<PathBuf>) -> Self {
         Self {
             sys_block: sys_block.into(),
+            partitions: partitions.into(),
             attach_lock: Mutex::new(()),
         }
     }
@@ -178,6 +185,9 @@ impl KernelLoopDevices {
         match std::fs::read_to_string(&path) {
             Ok(s) => Ok(Some(s.trim_end_matches('\n').to_string())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            // The kernel removed the attribute between our open and read: the device is
+            // being detached (ours, or another process's).
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
             Err(source) => Err(LoopDeviceError::Sysfs { path, source }),
         }
     }
@@ -233,16 +243,18 @@ impl LoopDevices for KernelLoopDevices {
     }
 
     fn list(&self) -> Result<Vec<Attached>, LoopDeviceError> {
-        let entries =
-            std::fs::read_dir(&self.sys_block).map_err(|source| LoopDeviceError::Sysfs {
-                path: self.sys_block.clone(),
+        let table =
+            std::fs::read_to_string(&self.partitions).map_err(|source| LoopDeviceError::Sysfs {
+                path: self.partitions.clone(),
                 source,
             })?;
         let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let Some(device) = entry.file_name().to_str().and_then(LoopDevice::from_name) else {
-                continue;
-            };
+        // `major minor #blocks name`: an unbound loop device has no size and no line.
+        for device in table
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(3))
+            .filter_map(LoopDevice::from_name)
+        {
             if let Some(raw) = self.backing_of(device)? {
                 let (path, deleted) = match raw.strip_suffix(" (deleted)") {
                     Some(p) => (p, true),
@@ -344,7 +356,7 @@ mod tests {
     }
 
     #[test]
-    fn list_reads_backing_files_and_marks_deleted_ones() {
+    fn list_reads_the_backing_files_of_listed_devices_and_marks_deleted_ones() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mk = |name: &str, backing: Option<&str>| {
             let d = dir.path().join(name);
@@ -356,8 +368,15 @@ mod tests {
         mk("loop0", Some("/pool/a.img"));
         mk("loop7", Some("/pool/b.img (deleted)"));
         mk("loop3", None);
+        mk("loop9", Some("/pool/unlisted.img"));
         mk("sda", Some("/not/a/loop"));
-        let loops = KernelLoopDevices::new(dir.path());
+        let partitions = dir.path().join("partitions");
+        std::fs::write(
+            &partitions,
+            "major minor  #blocks  name\n\n   7        7    1048576 loop7\n   8        0   10485760 sda\n   7        0      65536 loop0\n   7        3      65536 loop3\n",
+        )
+        .expect("write");
+        let loops = KernelLoopDevices::new(dir.path(), &partitions);
         let listed = loops.list().expect("list");
         assert_eq!(
             listed,

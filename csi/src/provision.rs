@@ -258,23 +258,36 @@ impl Driver {
             image: image.clone(),
             armed: true,
         };
-        match &source_image {
-            Some(src) => {
-                let method = image::clone_image(src, &image)?;
-                image::grow(&image, size)?;
-                tracing::info!(volume = %id, ?method, "volume restored from its source");
-            }
-            None => {
-                image::create_sparse(&image, size)?;
-                match spec.fs_type {
-                    // mkfs syncs what it wrote, the size included.
-                    Some(fs) => self.fs.mkfs(fs, &image)?,
-                    None => image::sync(&image)?,
+        record.phase = Phase::Ready;
+        let make_image = || -> Result<(), CsiError> {
+            match &source_image {
+                Some(src) => {
+                    let method = image::clone_image(src, &image)?;
+                    image::grow(&image, size)?;
+                    tracing::info!(volume = %id, ?method, "volume restored from its source");
+                }
+                None => {
+                    image::create_sparse(&image, size)?;
+                    match spec.fs_type {
+                        // mkfs syncs what it wrote, the size included.
+                        Some(fs) => self.fs.mkfs(fs, &image)?,
+                        None => image::sync(&image)?,
+                    }
                 }
             }
-        }
-        record.phase = Phase::Ready;
-        self.store.put(Kind::Volumes, id.as_str(), &record)?;
+            Ok(())
+        };
+        // The `Ready` record is written and fsynced while the image is made, and replaces
+        // the `Creating` one only once the image is complete.
+        let ready = std::thread::scope(|s| {
+            let ready = s.spawn(|| self.store.prepare(Kind::Volumes, id.as_str(), &record));
+            let made = make_image();
+            let ready = ready
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            made.and(ready.map_err(CsiError::from))
+        })?;
+        ready.commit()?;
         rollback.armed = false;
         tracing::info!(volume = %id, name = %spec.name, size, "volume created");
         Ok(record)

@@ -1,6 +1,8 @@
 //! The startup reconcile: makes the kernel match the state files after a crash or restart.
-//! Clears creates that never finished, re-attaches and re-mounts what staged volumes need,
-//! forgets publications whose mounts are gone, and detaches loop devices on pool images
+//! Clears creates that never finished, forgets node records that a power loss tore or that
+//! an earlier boot wrote (the kubelet stages those again), re-attaches and re-mounts what
+//! volumes staged in this boot need, forgets publications whose mounts are gone, and
+//! detaches loop devices on pool images
 //! that no staged volume owns. It never deletes an image that a ready record names, and
 //! leaves any device that is still mounted somewhere.
 
@@ -25,6 +27,8 @@ pub struct Reconciled {
     pub remounted: Vec<String>,
     /// Loop devices detached because no staged volume owns their image.
     pub detached: Vec<LoopDevice>,
+    /// Node records dropped: torn by a power loss, or written before the last reboot.
+    pub forgotten: Vec<String>,
 }
 
 impl Driver {
@@ -93,6 +97,7 @@ impl Driver {
         // path and targets, so what one record's repair changes no other record reads.
         let attached = self.loops.list()?;
         let mounts = self.mounter.mounts()?;
+        self.forget_stale_stages(done)?;
         for rec in self.store.list::<NodeRecord>(Kind::Node)? {
             let mut rec = self.with_publications(rec)?;
             owned.insert(rec.image.clone());
@@ -148,6 +153,27 @@ impl Driver {
             }
         }
         Ok(owned)
+    }
+
+    /// Removes node records torn by a power loss or written before the last reboot (their
+    /// publications go with them below): the reboot took their loop devices and mounts, and
+    /// the kubelet stages again whatever its pods still use.
+    fn forget_stale_stages(&self, done: &mut Reconciled) -> Result<(), CsiError> {
+        for id in self.store.ids(Kind::Node)? {
+            let stale = match self.store.get_or_torn::<NodeRecord>(Kind::Node, &id) {
+                Ok(Some(Stored::Torn)) => true,
+                Ok(Some(Stored::Whole(rec))) => {
+                    rec.boot_id.is_some_and(|boot| boot != self.boot_id)
+                }
+                Ok(None) | Err(_) => false,
+            };
+            if stale {
+                tracing::info!(volume = %id, "node record torn or from an earlier boot: not staged");
+                self.store.remove_volatile(Kind::Node, &id)?;
+                done.forgotten.push(id);
+            }
+        }
+        Ok(())
     }
 
     fn detach_orphans(

@@ -17,7 +17,7 @@ use crate::ids::VolumeId;
 use crate::loopdev::LoopDevice;
 use crate::mounter::MountOptions;
 use crate::mountinfo::{self, MountEntry};
-use crate::state::{AccessRecord, Kind, NodeRecord, Publication, Publications, StateError};
+use crate::state::{AccessRecord, Kind, NodeRecord, Publication, Publications, StateError, Stored};
 
 use nodekit_proto::csi::v1::volume_capability::access_mode::Mode;
 
@@ -60,11 +60,16 @@ impl Drop for DetachOnFailure<'_> {
 }
 
 impl Driver {
-    /// The node record of a volume, with its publications.
+    /// The node record of a volume, with its publications. A torn record, which only a
+    /// power loss during its volatile write leaves, means not staged: the power loss took
+    /// the loop device and the mount with it.
     pub fn node_record(&self, id: &VolumeId) -> Result<Option<NodeRecord>, CsiError> {
-        match self.store.get::<NodeRecord>(Kind::Node, id.as_str())? {
-            Some(rec) => Ok(Some(self.with_publications(rec)?)),
-            None => Ok(None),
+        match self
+            .store
+            .get_or_torn::<NodeRecord>(Kind::Node, id.as_str())?
+        {
+            Some(Stored::Whole(rec)) => Ok(Some(self.with_publications(rec)?)),
+            Some(Stored::Torn) | None => Ok(None),
         }
     }
 
@@ -87,12 +92,17 @@ impl Driver {
         Ok(rec)
     }
 
-    /// Records the publications of `id` (not durably: see [`Kind::Publications`]).
+    /// Records the publications of `id` (not durably: see [`Kind::Publications`]); none is
+    /// no file, which an unlink records more cheaply than a rewrite.
     pub(crate) fn put_publications(
         &self,
         id: &str,
         publications: &Publications,
     ) -> Result<(), CsiError> {
+        if publications.is_empty() {
+            self.store.remove_volatile(Kind::Publications, id)?;
+            return Ok(());
+        }
         Ok(self
             .store
             .put_volatile(Kind::Publications, id, publications)?)
@@ -208,22 +218,21 @@ impl Driver {
             staging_path: staging.to_path_buf(),
             access,
             access_mode: cap.mode as i32,
+            boot_id: Some(self.boot_id.clone()),
             publications: Publications::new(),
         };
-        let stored = match existing {
-            Some(rec) => {
+        let publications = existing.map(|rec| rec.publications).unwrap_or_default();
+        // Not fsynced: see `Kind::Node` (a power loss takes this mount and device with it).
+        let stored = self
+            .put_publications(id.as_str(), &publications)
+            .and_then(|()| {
                 self.store
-                    .put_volatile(Kind::Publications, id.as_str(), &rec.publications)
-            }
-            None => self
-                .store
-                .remove_volatile(Kind::Publications, id.as_str())
-                .map(drop),
-        }
-        .and_then(|()| self.store.put(Kind::Node, id.as_str(), &record));
+                    .put_volatile(Kind::Node, id.as_str(), &record)
+                    .map_err(CsiError::from)
+            });
         if let Err(e) = stored {
             let _ = self.mounter.unmount(staging);
-            return Err(e.into());
+            return Err(e);
         }
         undo.device = None;
         tracing::info!(volume = %id, %device, staging = %staging.display(), "volume staged");
@@ -323,9 +332,10 @@ impl Driver {
         for device in devices {
             self.loops.detach(device)?;
         }
+        // Not fsynced: see `Kind::Node` (the reconcile drops records of earlier boots).
         self.store
             .remove_volatile(Kind::Publications, id.as_str())?;
-        self.store.remove(Kind::Node, id.as_str())?;
+        self.store.remove_volatile(Kind::Node, id.as_str())?;
         tracing::info!(volume = %id, staging = %staging.display(), "volume unstaged");
         Ok(())
     }
@@ -939,6 +949,25 @@ mod tests {
             self.loops.calls.lock().expect("lock").clone()
         }
 
+        /// The volume's file in state directory `kind` (`node`, `publications`).
+        fn state_file(&self, kind: &str) -> PathBuf {
+            self.dir
+                .path()
+                .join("state")
+                .join(kind)
+                .join(format!("{}.json", self.id))
+        }
+
+        /// Stages the volume at `s` as a single-node writer.
+        fn stage(&self) -> (PathBuf, Capability) {
+            let staging = self.path("s");
+            let c = cap(None, Mode::SingleNodeWriter);
+            self.driver
+                .stage(&self.id, &staging, &c, None)
+                .expect("stage");
+            (staging, c)
+        }
+
         fn grow_image(&self, size: u64) {
             crate::image::grow(&self.driver.volume_image(&self.id), size).expect("grow");
         }
@@ -1074,6 +1103,77 @@ mod tests {
         rig.driver.unstage(&rig.id, &staging).expect("unstage");
         assert!(rig.mounts.table.lock().expect("lock").is_empty());
         assert!(rig.loops.attached.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn a_torn_node_record_means_not_staged_and_the_reconcile_removes_it() {
+        let rig = Rig::new(Some(FsType::Ext4));
+        let record = rig.state_file("node");
+        // What a power loss during the record's volatile write can leave.
+        std::fs::write(&record, [0u8; 64]).expect("torn record");
+        assert!(rig.driver.node_record(&rig.id).expect("read").is_none());
+        let done = rig.driver.reconcile().expect("reconcile");
+        assert_eq!(done.forgotten, vec![rig.id.to_string()]);
+        assert!(!record.exists(), "torn record removed");
+        std::fs::write(&record, b"").expect("empty record");
+        rig.stage();
+        assert!(rig.driver.node_record(&rig.id).expect("read").is_some());
+    }
+
+    #[test]
+    fn the_reconcile_restores_stages_of_this_boot_and_drops_those_of_an_earlier_one() {
+        let rig = Rig::new(Some(FsType::Ext4));
+        rig.stage();
+        let lose_kernel_state = || {
+            rig.loops.attached.lock().expect("lock").clear();
+            rig.mounts.table.lock().expect("lock").clear();
+        };
+        lose_kernel_state();
+        let done = rig.driver.reconcile().expect("reconcile");
+        assert_eq!(done.reattached, vec![rig.id.to_string()]);
+        assert_eq!(done.remounted, vec![rig.id.to_string()]);
+
+        let mut rec: NodeRecord = rig
+            .driver
+            .store
+            .get(Kind::Node, rig.id.as_str())
+            .expect("read")
+            .expect("record");
+        assert_eq!(rec.boot_id.as_deref(), Some(rig.driver.boot_id.as_str()));
+        rec.boot_id = Some("an-earlier-boot".into());
+        rig.driver
+            .store
+            .put_volatile(Kind::Node, rig.id.as_str(), &rec)
+            .expect("write");
+        lose_kernel_state();
+        let calls = rig.calls().len();
+        let done = rig.driver.reconcile().expect("reconcile");
+        assert_eq!(done.forgotten, vec![rig.id.to_string()]);
+        assert!(done.reattached.is_empty() && done.remounted.is_empty());
+        assert_eq!(rig.calls().len(), calls, "nothing attached or mounted");
+        assert!(rig.driver.node_record(&rig.id).expect("read").is_none());
+    }
+
+    #[test]
+    fn the_last_unpublish_removes_the_publications_file() {
+        let rig = Rig::new(Some(FsType::Ext4));
+        let (staging, c) = rig.stage();
+        let file = rig.state_file("publications");
+        let target = rig.path("t");
+        rig.driver
+            .publish(&rig.id, &staging, &target, &c, false)
+            .expect("publish");
+        assert!(file.exists());
+        rig.driver
+            .unpublish(Some(&rig.id), &target)
+            .expect("unpublish");
+        assert!(!file.exists(), "no publications, no file");
+        let rec = rig
+            .driver
+            .node_record(&rig.id)
+            .expect("read")
+            .expect("staged");
+        assert!(rec.publications.is_empty());
     }
 
     #[test]

@@ -6,7 +6,15 @@
 //! A staged volume's published targets live in a file of their own, written without any
 //! fsync (temp file and rename: a process crash still sees old or new): a power loss unmounts
 //! every target anyway, so after one the file is only a hint that the reconcile checks
-//! against the mount table, and a torn one reads as "no publications".
+//! against the mount table, and a torn one reads as "no publications". An empty set is no
+//! file.
+//!
+//! Node records are written and removed without fsync too. A node record describes kernel
+//! state (a loop device, a staging mount) that a power loss takes away, and the kubelet
+//! stages again when it finds the staging path unmounted, so losing one loses no data and
+//! no mount; a torn one reads as "not staged". Each carries the boot it was written in, and
+//! the startup reconcile drops records from an earlier boot instead of re-mounting them, so
+//! a removal that a power loss undid cannot bring back a volume the kubelet had unstaged.
 //!
 //! Layout: `volumes/<volume-id>.json` and `snapshots/<snapshot-id>.json` (controller),
 //! `node/<volume-id>.json` and `publications/<volume-id>.json` (node). Controller and node
@@ -30,7 +38,7 @@ pub enum Kind {
     Volumes,
     /// [`SnapshotRecord`]s.
     Snapshots,
-    /// [`NodeRecord`]s.
+    /// [`NodeRecord`]s (not durable: see the module doc).
     Node,
     /// [`Publications`] of staged volumes (not durable: see the module doc).
     Publications,
@@ -179,6 +187,11 @@ pub struct NodeRecord {
     pub access: AccessRecord,
     /// The CSI access mode it was staged with.
     pub access_mode: i32,
+    /// The boot it was staged in (`/proc/sys/kernel/random/boot_id`): a record from another
+    /// boot describes a loop device and mounts that the reboot took away. `None` in records
+    /// written before boots were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
     /// Published targets (resolved paths); kept in [`Kind::Publications`] on disk.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub publications: Publications,
@@ -275,35 +288,37 @@ impl StateStore {
     /// Writes record `id` of `kind` atomically and durably: after a crash the new record is
     /// there.
     pub fn put<T: Serialize>(&self, kind: Kind, id: &str, record: &T) -> Result<(), StateError> {
-        self.write(kind, id, record, durable::write)
+        self.prepare(kind, id, record)?.commit()
+    }
+
+    /// [`Self::put`] in two steps: the record is written and fsynced beside its file now,
+    /// and takes its place at [`PreparedRecord::commit`], so the fsync can overlap work that
+    /// must finish before the record may change (dropped uncommitted, it leaves nothing).
+    pub fn prepare<T: Serialize>(
+        &self,
+        kind: Kind,
+        id: &str,
+        record: &T,
+    ) -> Result<PreparedRecord, StateError> {
+        let path = self.file(kind, id);
+        let bytes = encode(&path, record)?;
+        Ok(PreparedRecord(durable::prepare(&path, &bytes)?))
     }
 
     /// Writes record `id` of `kind` without any fsync: after a process crash the old record
     /// or the new one is there; after a power loss it may be old, new, missing or torn (see
     /// [`Self::get_or_torn`]). Only for records a crash lets the driver re-derive or redo:
-    /// publications (kernel state a power loss clears) and `Creating` records.
+    /// node records and publications (kernel state a power loss clears) and `Creating`
+    /// records.
     pub fn put_volatile<T: Serialize>(
         &self,
         kind: Kind,
         id: &str,
         record: &T,
     ) -> Result<(), StateError> {
-        self.write(kind, id, record, durable::write_volatile)
-    }
-
-    fn write<T: Serialize>(
-        &self,
-        kind: Kind,
-        id: &str,
-        record: &T,
-        replace: fn(&Path, &[u8]) -> Result<(), durable::WriteError>,
-    ) -> Result<(), StateError> {
         let path = self.file(kind, id);
-        let bytes = serde_json::to_vec_pretty(record).map_err(|source| StateError::Corrupt {
-            path: path.clone(),
-            source,
-        })?;
-        replace(&path, &bytes).map_err(StateError::from)
+        let bytes = encode(&path, record)?;
+        Ok(durable::write_volatile(&path, &bytes)?)
     }
 
     /// Removes record `id` of `kind` durably; OK when absent.
@@ -357,6 +372,25 @@ impl StateStore {
     fn sync_dir(&self, kind: Kind) -> Result<(), StateError> {
         Ok(durable::sync_dir(&self.dir(kind))?)
     }
+}
+
+/// A record written durably beside its file, not yet in place (see [`StateStore::prepare`]).
+#[derive(Debug)]
+pub struct PreparedRecord(durable::Prepared);
+
+impl PreparedRecord {
+    /// Puts the record in place, durably.
+    pub fn commit(self) -> Result<(), StateError> {
+        Ok(self.0.commit()?)
+    }
+}
+
+/// A record's file content.
+fn encode<T: Serialize>(path: &Path, record: &T) -> Result<Vec<u8>, StateError> {
+    serde_json::to_vec_pretty(record).map_err(|source| StateError::Corrupt {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 impl From<durable::WriteError> for StateError {

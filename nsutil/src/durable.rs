@@ -6,6 +6,8 @@
 //! a reader sees the old file or the new one, never a torn one. [`write`] also fsyncs the
 //! file before the rename and the directory after it, so the new file survives a power
 //! loss; [`write_volatile`] skips both fsyncs, for files a power loss makes moot.
+//! [`prepare`] + [`Prepared::commit`] is [`write`] in two steps, so a caller can overlap
+//! the content's fsync with work that must finish before the file may change.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -29,15 +31,63 @@ pub struct WriteError {
 /// the directory. Missing parent directories are created. After it returns, a crash or
 /// power loss leaves the new content; during it, the old or the new, never a torn file.
 pub fn write(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
-    replace(path, bytes, true)?;
-    sync_dir(parent(path))
+    prepare(path, bytes)?.commit()
 }
 
 /// Replaces `path` with `bytes` atomically but without any fsync: a process crash leaves
 /// the old or the new content; a power loss may leave old, new, missing or a torn (empty
 /// or zero-filled) file. Missing parent directories are created.
 pub fn write_volatile(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
-    replace(path, bytes, false)
+    Prepared::new(path, bytes, false)?.rename()
+}
+
+/// The first step of [`write`]: `bytes` in a temp file next to `path`, fsynced; `path`
+/// itself is untouched until [`Prepared::commit`].
+pub fn prepare(path: &Path, bytes: &[u8]) -> Result<Prepared, WriteError> {
+    Prepared::new(path, bytes, true)
+}
+
+/// New content for a file, written to its temp file but not yet in place. Dropped without
+/// [`Prepared::commit`], it removes the temp file.
+#[derive(Debug)]
+pub struct Prepared {
+    tmp: PathBuf,
+    path: PathBuf,
+    renamed: bool,
+}
+
+impl Prepared {
+    fn new(path: &Path, bytes: &[u8], sync: bool) -> Result<Self, WriteError> {
+        let prepared = Self {
+            tmp: temp_path(path),
+            path: path.to_path_buf(),
+            renamed: false,
+        };
+        write_temp(&prepared.tmp, bytes, sync)?;
+        Ok(prepared)
+    }
+
+    /// The second step of [`write`]: renames the content over the file and fsyncs the
+    /// directory. After it returns, a crash or power loss leaves the new content.
+    pub fn commit(self) -> Result<(), WriteError> {
+        let dir = parent(&self.path).to_path_buf();
+        self.rename()?;
+        sync_dir(&dir)
+    }
+
+    fn rename(mut self) -> Result<(), WriteError> {
+        fs::rename(&self.tmp, &self.path).map_err(failed("renaming into", &self.path))?;
+        self.renamed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Fsyncs directory `dir`, making a rename or removal in it durable.
@@ -45,16 +95,6 @@ pub fn sync_dir(dir: &Path) -> Result<(), WriteError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(failed("syncing", dir))
-}
-
-fn replace(path: &Path, bytes: &[u8], sync: bool) -> Result<(), WriteError> {
-    let tmp = temp_path(path);
-    let result = write_temp(&tmp, bytes, sync)
-        .and_then(|()| fs::rename(&tmp, path).map_err(failed("renaming into", path)));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 fn write_temp(tmp: &Path, bytes: &[u8], sync: bool) -> Result<(), WriteError> {
@@ -132,6 +172,25 @@ mod tests {
             assert_eq!(fs::read(&path).unwrap(), b"new", "{sub}");
             assert_eq!(entries(parent(&path)), ["rec.json"], "{sub}");
         }
+    }
+
+    #[test]
+    fn a_prepared_write_changes_nothing_until_committed_and_a_dropped_one_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rec.json");
+        fs::write(&path, b"old").unwrap();
+        drop(prepare(&path, b"dropped").unwrap());
+        assert_eq!(entries(dir.path()), ["rec.json"]);
+        let prepared = prepare(&path, b"new").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"old", "untouched before commit");
+        assert_eq!(
+            entries(dir.path()).len(),
+            2,
+            "the temp file holds the content"
+        );
+        prepared.commit().unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        assert_eq!(entries(dir.path()), ["rec.json"]);
     }
 
     #[test]
