@@ -375,6 +375,19 @@ impl OciRuntime {
     }
 }
 
+/// The runtime binary: an explicit path if it is a file, else the first `name` on PATH.
+/// Resolved once at start so each of the many runtime invocations skips the PATH search.
+pub fn resolve_binary(path: Option<&Path>, name: &str) -> Option<PathBuf> {
+    match path {
+        Some(p) => p.is_file().then(|| p.to_path_buf()),
+        None => std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        }),
+    }
+}
+
 /// The exit code a shell would report for `status`: the code, or 128 + the killing signal.
 pub fn exit_code(status: std::process::ExitStatus) -> i32 {
     match (

@@ -26,7 +26,7 @@ use crate::config::Options;
 use crate::error::CriError;
 use crate::image::pull::PullOptions;
 use crate::image::ImageStore;
-use crate::runtime::{OciRuntime, RuntimeKind};
+use crate::runtime::{resolve_binary, OciRuntime, RuntimeKind};
 use crate::store::{self, StoreError};
 use records::{ContainerRecord, SandboxRecord};
 
@@ -106,9 +106,8 @@ impl Manager {
         ] {
             std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir, source })?;
         }
-        let runtime_binary = opts
-            .runtime_path
-            .clone()
+        let runtime_binary = resolve_binary(opts.runtime_path.as_deref(), opts.runtime.name())
+            .or_else(|| opts.runtime_path.clone())
             .unwrap_or_else(|| PathBuf::from(opts.runtime.name()));
         let cgroups = Hierarchies::detect()?;
         let runtime = OciRuntime::new(

@@ -421,10 +421,11 @@ impl RuntimeService for RuntimeSvc {
 
     async fn status(&self, r: Request<cri::StatusRequest>) -> Reply<cri::StatusResponse> {
         let verbose = r.into_inner().verbose;
-        let runtime_ok = which(
+        let runtime_ok = crate::runtime::resolve_binary(
             self.0.options().runtime_path.as_deref(),
             self.0.options().runtime.name(),
-        );
+        )
+        .is_some();
         let network = self.0.network_config();
         let condition =
             |kind: &str, ok: bool, reason: &str, message: String| cri::RuntimeCondition {
@@ -518,15 +519,5 @@ impl RuntimeService for RuntimeSvc {
                 cgroup_driver: driver as i32,
             }),
         }))
-    }
-}
-
-/// Whether the runtime binary exists (an explicit path, or `name` on PATH).
-fn which(path: Option<&std::path::Path>, name: &str) -> bool {
-    match path {
-        Some(p) => p.is_file(),
-        None => std::env::var_os("PATH")
-            .map(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
-            .unwrap_or(false),
     }
 }
