@@ -315,18 +315,39 @@ async fn exec_sync_returns_output_and_exit_code_and_honours_its_timeout(runtime:
             container_id: c.clone(),
             linux: Some(cri::LinuxContainerResources {
                 memory_limit_in_bytes: 64 << 20,
+                cpu_shares: 512,
+                cpu_period: 100_000,
+                cpu_quota: 50_000,
+                cpuset_cpus: "0".into(),
                 ..Default::default()
             }),
             ..Default::default()
         })
         .await
-        .unwrap();
-    let limit = std::fs::read_to_string(format!(
-        "/sys/fs/cgroup/memory{}/{c}/memory.limit_in_bytes",
-        lab.cgroup_parent
-    ))
-    .unwrap();
-    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+        .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}\n{}", lab.shim_log()));
+    let cgroup_file = |hierarchy: &str, file: &str| {
+        let path = format!("/sys/fs/cgroup/{hierarchy}{}/{c}/{file}", lab.cgroup_parent);
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        [
+            cgroup_file("memory", "memory.limit_in_bytes"),
+            cgroup_file("cpu", "cpu.shares"),
+            cgroup_file("cpu", "cpu.cfs_period_us"),
+            cgroup_file("cpu", "cpu.cfs_quota_us"),
+            cgroup_file("cpuset", "cpuset.cpus"),
+        ],
+        [
+            (64u64 << 20).to_string(),
+            "512".into(),
+            "100000".into(),
+            "50000".into(),
+            "0".into()
+        ]
+    );
 }
 per_runtime!(exec_sync_returns_output_and_exit_code_and_honours_its_timeout);
 
