@@ -829,3 +829,67 @@ async fn kubectl_attach_works_over_websocket_and_spdy() {
         assert_eq!(lab.wait_exited(&id).await.exit_code, 0, "{name}");
     }
 }
+
+async fn exec_commands_end_when_their_client_goes_away(runtime: OciRuntime) {
+    let (mut lab, id, _) = lab_with_container("wsgone", runtime).await;
+    for tty in [false, true] {
+        let url = exec_url(&mut lab, exec_request(&id, &["sleep", "3600"], true, tty)).await;
+        let ch = lab
+            .stream_connect(&url, &["v5.channel.k8s.io"])
+            .await
+            .unwrap();
+        // Wait until the command runs, then hang up.
+        let sleeps = |lab: &mut Lab| {
+            let mut rt = lab.runtime.clone();
+            let id = id.clone();
+            async move {
+                let ps = rt
+                    .exec_sync(cri::ExecSyncRequest {
+                        container_id: id,
+                        cmd: vec!["sh".into(), "-c".into(), "cat /proc/[0-9]*/stat".into()],
+                        timeout: 10,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                String::from_utf8_lossy(&ps.stdout)
+                    .matches("(sleep)")
+                    .count()
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sleeps(&mut lab).await < 2 {
+            assert!(Instant::now() < deadline, "tty {tty}: the exec never ran");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(ch);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sleeps(&mut lab).await > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "tty {tty}: the command outlived its client\n{}",
+                lab.shim_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let runtime_dir = lab.path("state/runtime");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let execs: Vec<_> =
+                nodekit_conformance::cri::lab::procs::mentioning(&runtime_dir.to_string_lossy())
+                    .into_iter()
+                    .filter(|p| p.program() == runtime.name())
+                    .collect();
+            if execs.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tty {tty}: {} exec left running: {execs:?}",
+                runtime.name()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+per_runtime!(exec_commands_end_when_their_client_goes_away);
