@@ -686,40 +686,13 @@ async fn crun_runs_containers_on_a_hybrid_cgroup_host_without_touching_its_mount
     let mut lab = Lab::start(LabOptions::with_runtime(OciRuntime::Crun)).await;
     lab.pull().await;
     let pod = lab.run_pod("crun").await;
-    let job = lab
-        .run_container(&pod, "crun", "job", &["sh", "-c", "echo out; exit 3"])
-        .await;
-    let s = lab.wait_exited(&job).await;
-    assert_eq!((s.exit_code, s.reason.as_str()), (3, "Error"), "{s:?}");
-    assert_eq!(
-        log_records(&s.log_path),
-        [("stdout".into(), "F".into(), "out".into())]
-    );
-
     let c = lab
         .run_container(&pod, "crun", "sleeper", &["sleep", "3600"])
         .await;
-    let out = lab.exec(&c, &["sh", "-c", "echo hi; exit 7"], 10).await;
-    let out = out.unwrap_or_else(|e| panic!("ExecSync under crun: {e}\n{}", lab.shim_log()));
-    assert_eq!((out.stdout.as_slice(), out.exit_code), (&b"hi\n"[..], 7));
-    lab.runtime
-        .update_container_resources(cri::UpdateContainerResourcesRequest {
-            container_id: c.clone(),
-            linux: Some(cri::LinuxContainerResources {
-                memory_limit_in_bytes: 64 << 20,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("UpdateContainerResources under crun: {e}"));
-    let limit = std::fs::read_to_string(format!(
-        "/sys/fs/cgroup/memory{}/{c}/memory.limit_in_bytes",
-        lab.cgroup_parent
-    ))
-    .unwrap();
-    assert_eq!(limit.trim(), (64u64 << 20).to_string());
-
+    // crun saw a plain cgroup v1 host: the container has a v1 memory cgroup of its own.
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", lab.init_pid(&c))).unwrap();
+    let memory = format!(":memory:{}/{c}", lab.cgroup_parent);
+    assert!(cgroups.lines().any(|l| l.ends_with(&memory)), "{cgroups}");
     lab.runtime
         .stop_pod_sandbox(cri::StopPodSandboxRequest {
             pod_sandbox_id: pod.clone(),

@@ -1,4 +1,4 @@
-//! `--pause-image`: the sandbox's namespace holder is a container run by runc from the lab's
+//! `--pause-image`: the sandbox's namespace holder is a container run by runc or crun from the lab's
 //! `sleep` pause image (pulled on first use), which the pod's containers join; stop/remove and
 //! failures leave nothing, and a restarted shim finds it.
 #![allow(clippy::unwrap_used)]
@@ -189,9 +189,8 @@ async fn unpullable_or_failing_pause_containers_fail_run_pod_sandbox_and_leave_n
 }
 per_runtime!(unpullable_or_failing_pause_containers_fail_run_pod_sandbox_and_leave_nothing);
 
-#[tokio::test]
-async fn host_network_pause_containers_keep_the_node_network_and_hostname() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn host_network_pause_containers_keep_the_node_network_and_hostname(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.restart_shim_with(&["--pause-image", PAUSE_IMAGE]).await;
     let pod = lab.run_host_network_pod().await;
     let (pause, shim) = (lab.init_pid(&pod), lab.runtime_pid().unwrap());
@@ -215,3 +214,4 @@ async fn host_network_pause_containers_keep_the_node_network_and_hostname() {
         .unwrap();
     lab.assert_nothing_left();
 }
+per_runtime!(host_network_pause_containers_keep_the_node_network_and_hostname);
