@@ -1,6 +1,6 @@
-//! `--pause-image`: the sandbox's namespace holder is a container run by runc or crun from the lab's
-//! `sleep` pause image (pulled on first use), which the pod's containers join; stop/remove and
-//! failures leave nothing, and a restarted shim finds it.
+//! `--pause-image`: the sandbox's namespace holder is a container run by runc or crun from
+//! the lab's `sleep` pause image (pulled on first use), which the pod's containers join;
+//! stop/remove and failures leave nothing, and a restarted shim finds it.
 #![allow(clippy::unwrap_used)]
 
 mod common;
