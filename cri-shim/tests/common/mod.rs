@@ -1,6 +1,6 @@
 //! The test lab: the conformance runner's CRI lab (`nodekit_conformance::cri::lab`: a node
 //! network namespace `nk-...` with a local registry holding busybox-static images, bridge +
-//! host-local CNI config, runc), shared with suite `cri` and `nodekit-bench cri`, running the
+//! host-local CNI config, runc or crun), shared with suite `cri` and `nodekit-bench cri`, running the
 //! real `nodekit-cri` binary driven over its unix socket; plus this crate's test helpers (a
 //! CNI plugin that refuses pods, panicking CRI calls, a streaming client). Drop removes
 //! everything the lab made: processes, runtime containers, mounts, namespaces, cgroups.
@@ -50,8 +50,6 @@ pub struct LabOptions {
     pub registry: bool,
     /// A plugin type appended to the conflist (one of the fake plugins).
     pub extra_plugin: Option<&'static str>,
-    /// Flags for `nodekit-cri` after the lab's own.
-    pub shim_args: Vec<String>,
     /// The OCI runtime the shim drives.
     pub runtime: OciRuntime,
 }
@@ -62,7 +60,6 @@ impl Default for LabOptions {
             network: true,
             registry: true,
             extra_plugin: None,
-            shim_args: Vec::new(),
             runtime: OciRuntime::Runc,
         }
     }
@@ -122,7 +119,7 @@ impl Lab {
             node: NetNs::open(lab.node().path()).unwrap(),
             prefix: lab.prefix().to_string(),
             cgroup_parent: lab.cgroup_parent(),
-            shim_args: opts.shim_args,
+            shim_args: Vec::new(),
             lab,
         };
         lab.start_shim().await;
