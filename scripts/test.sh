@@ -8,3 +8,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 target/debug/nodekit-conformance --junit target/conformance-junit.xml --json target/conformance.json
+target/debug/nodekit-conformance --suite cri --cri-runtime crun --junit target/conformance-cri-crun-junit.xml

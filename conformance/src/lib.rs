@@ -146,7 +146,7 @@ mod tests {
             cni: cni::CniTarget::Reference,
             device_plugin: device_plugin::DevicePluginTarget::Nodekit,
             csi: csi::CsiTarget::Nodekit,
-            cri: vec![cri::CriTarget::Nodekit],
+            cri: vec![cri::CriTarget::Nodekit(cri::lab::OciRuntime::Runc)],
         }
     }
 

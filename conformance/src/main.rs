@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nodekit_conformance::cni::CniTarget;
+use nodekit_conformance::cri::lab::OciRuntime;
 use nodekit_conformance::cri::{CriTarget, DEFAULT_CUSTOM_IMAGE};
 use nodekit_conformance::csi::CsiTarget;
 use nodekit_conformance::device_plugin::DevicePluginTarget;
@@ -89,6 +90,16 @@ struct Cli {
     #[arg(long, conflicts_with = "cri_endpoint")]
     cri_containerd: bool,
 
+    /// Suite cri: the OCI runtime nodekit-cri drives in its lab (runc or crun); containerd
+    /// always uses runc.
+    #[arg(
+        long,
+        value_name = "RUNTIME",
+        default_value = "runc",
+        conflicts_with = "cri_endpoint"
+    )]
+    cri_runtime: OciRuntime,
+
     /// A CRI runtime already serving at this endpoint (unix:///path.sock) for suite cri,
     /// instead of starting nodekit-cri (found beside this executable) on a lab.
     #[arg(long, value_name = "ENDPOINT")]
@@ -133,8 +144,8 @@ fn main() -> ExitCode {
             socket: endpoint_path(&endpoint).to_path_buf(),
             image: cli.cri_image,
         }],
-        (None, true) => vec![CriTarget::Nodekit, CriTarget::Containerd],
-        (None, false) => vec![CriTarget::Nodekit],
+        (None, true) => vec![CriTarget::Nodekit(cli.cri_runtime), CriTarget::Containerd],
+        (None, false) => vec![CriTarget::Nodekit(cli.cri_runtime)],
     };
     let opts = RunOptions {
         suites: cli.suites,

@@ -445,7 +445,8 @@ async fn read_capped<R: tokio::io::AsyncRead + Unpin>(reader: Option<R>) -> Vec<
     out
 }
 
-/// Runtime messages meaning the container is already stopped or gone.
+/// Runtime messages meaning the container is already stopped or gone: runc's, and crun's
+/// (a missing state file; `kill` of an exited init: "kill container: No such process").
 fn is_gone(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     [
@@ -454,6 +455,7 @@ fn is_gone(message: &str) -> bool {
         "container not running",
         "process already finished",
         "no such file",
+        "no such process",
     ]
     .iter()
     .any(|s| m.contains(s))
@@ -470,6 +472,7 @@ mod tests {
         assert!(is_gone(
             "error opening file `/run/crun/x/status`: No such file or directory"
         ));
+        assert!(is_gone("kill container: No such process"));
         assert!(!is_gone("permission denied"));
     }
 }

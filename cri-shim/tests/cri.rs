@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{image_spec, log_records, Lab, LabOptions, IMAGE};
+use common::{image_spec, log_records, Lab, LabOptions, OciRuntime, IMAGE};
 use nodekit_proto::cri::v1 as cri;
 use tonic::Code;
 
@@ -176,9 +176,8 @@ async fn pods_get_addresses_and_reach_each_other() {
     let _ = server;
 }
 
-#[tokio::test]
-async fn containers_exit_with_their_code_and_log_in_cri_format() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn containers_exit_with_their_code_and_log_in_cri_format(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.pull().await;
     let pod = lab.run_pod("jobs").await;
     let failing = lab
@@ -226,10 +225,10 @@ async fn containers_exit_with_their_code_and_log_in_cri_format() {
         .containers;
     assert_eq!(exited.len(), 2);
 }
+per_runtime!(containers_exit_with_their_code_and_log_in_cri_format);
 
-#[tokio::test]
-async fn exec_sync_returns_output_and_exit_code_and_honours_its_timeout() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn exec_sync_returns_output_and_exit_code_and_honours_its_timeout(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.pull().await;
     let pod = lab.run_pod("exec").await;
     let c = lab
@@ -316,23 +315,44 @@ async fn exec_sync_returns_output_and_exit_code_and_honours_its_timeout() {
             container_id: c.clone(),
             linux: Some(cri::LinuxContainerResources {
                 memory_limit_in_bytes: 64 << 20,
+                cpu_shares: 512,
+                cpu_period: 100_000,
+                cpu_quota: 50_000,
+                cpuset_cpus: "0".into(),
                 ..Default::default()
             }),
             ..Default::default()
         })
         .await
-        .unwrap();
-    let limit = std::fs::read_to_string(format!(
-        "/sys/fs/cgroup/memory{}/{c}/memory.limit_in_bytes",
-        lab.cgroup_parent
-    ))
-    .unwrap();
-    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+        .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}\n{}", lab.shim_log()));
+    let cgroup_file = |hierarchy: &str, file: &str| {
+        let path = format!("/sys/fs/cgroup/{hierarchy}{}/{c}/{file}", lab.cgroup_parent);
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        [
+            cgroup_file("memory", "memory.limit_in_bytes"),
+            cgroup_file("cpu", "cpu.shares"),
+            cgroup_file("cpu", "cpu.cfs_period_us"),
+            cgroup_file("cpu", "cpu.cfs_quota_us"),
+            cgroup_file("cpuset", "cpuset.cpus"),
+        ],
+        [
+            (64u64 << 20).to_string(),
+            "512".into(),
+            "100000".into(),
+            "50000".into(),
+            "0".into()
+        ]
+    );
 }
+per_runtime!(exec_sync_returns_output_and_exit_code_and_honours_its_timeout);
 
-#[tokio::test]
-async fn stop_and_remove_are_idempotent_and_leave_nothing_behind() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn stop_and_remove_are_idempotent_and_leave_nothing_behind(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.pull().await;
     let pod = lab.run_pod("gone").await;
     // sleep as PID 1 ignores SIGTERM: the stop timeout must end in SIGKILL.
@@ -416,6 +436,7 @@ async fn stop_and_remove_are_idempotent_and_leave_nothing_behind() {
     assert!(containers.containers.is_empty());
     lab.assert_nothing_left();
 }
+per_runtime!(stop_and_remove_are_idempotent_and_leave_nothing_behind);
 
 #[tokio::test]
 async fn bad_requests_name_the_field_and_unknown_ids_are_not_found() {
@@ -545,9 +566,8 @@ async fn cni_add_failure_rolls_back_everything() {
     lab.run_pod("doomed").await;
 }
 
-#[tokio::test]
-async fn a_restarted_shim_finds_running_sandboxes_and_containers() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn a_restarted_shim_finds_running_sandboxes_and_containers(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.pull().await;
     let pod = lab.run_pod("survivor").await;
     let c = lab
@@ -608,10 +628,10 @@ async fn a_restarted_shim_finds_running_sandboxes_and_containers() {
     assert!(lab.leftover_runtime_containers().is_empty());
     assert!(lab.leftover_mounts().is_empty());
 }
+per_runtime!(a_restarted_shim_finds_running_sandboxes_and_containers);
 
-#[tokio::test]
-async fn a_process_that_cannot_start_leaves_no_runtime_state() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn a_process_that_cannot_start_leaves_no_runtime_state(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.pull().await;
     let pod = lab.run_pod("broken").await;
     let req = cri::CreateContainerRequest {
@@ -645,6 +665,7 @@ async fn a_process_that_cannot_start_leaves_no_runtime_state() {
         lab.leftover_runtime_containers()
     );
 }
+per_runtime!(a_process_that_cannot_start_leaves_no_runtime_state);
 
 #[tokio::test]
 async fn host_network_pods_skip_cni_and_share_the_node_namespace() {
@@ -662,47 +683,16 @@ async fn host_network_pods_skip_cni_and_share_the_node_namespace() {
 #[tokio::test]
 async fn crun_runs_containers_on_a_hybrid_cgroup_host_without_touching_its_mounts() {
     let unified_before = mounted_cgroup2();
-    let mut lab = Lab::start(LabOptions {
-        shim_args: vec!["--runtime".into(), "crun".into()],
-        ..Default::default()
-    })
-    .await;
+    let mut lab = Lab::start(LabOptions::with_runtime(OciRuntime::Crun)).await;
     lab.pull().await;
     let pod = lab.run_pod("crun").await;
-    let job = lab
-        .run_container(&pod, "crun", "job", &["sh", "-c", "echo out; exit 3"])
-        .await;
-    let s = lab.wait_exited(&job).await;
-    assert_eq!((s.exit_code, s.reason.as_str()), (3, "Error"), "{s:?}");
-    assert_eq!(
-        log_records(&s.log_path),
-        [("stdout".into(), "F".into(), "out".into())]
-    );
-
     let c = lab
         .run_container(&pod, "crun", "sleeper", &["sleep", "3600"])
         .await;
-    let out = lab.exec(&c, &["sh", "-c", "echo hi; exit 7"], 10).await;
-    let out = out.unwrap_or_else(|e| panic!("ExecSync under crun: {e}\n{}", lab.shim_log()));
-    assert_eq!((out.stdout.as_slice(), out.exit_code), (&b"hi\n"[..], 7));
-    lab.runtime
-        .update_container_resources(cri::UpdateContainerResourcesRequest {
-            container_id: c.clone(),
-            linux: Some(cri::LinuxContainerResources {
-                memory_limit_in_bytes: 64 << 20,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("UpdateContainerResources under crun: {e}"));
-    let limit = std::fs::read_to_string(format!(
-        "/sys/fs/cgroup/memory{}/{c}/memory.limit_in_bytes",
-        lab.cgroup_parent
-    ))
-    .unwrap();
-    assert_eq!(limit.trim(), (64u64 << 20).to_string());
-
+    // crun saw a plain cgroup v1 host: the container has a v1 memory cgroup of its own.
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", lab.init_pid(&c))).unwrap();
+    let memory = format!(":memory:{}/{c}", lab.cgroup_parent);
+    assert!(cgroups.lines().any(|l| l.ends_with(&memory)), "{cgroups}");
     lab.runtime
         .stop_pod_sandbox(cri::StopPodSandboxRequest {
             pod_sandbox_id: pod.clone(),
@@ -932,3 +922,29 @@ fn the_systemd_cgroup_driver_needs_systemd_as_init() {
     );
     assert!(!socket.exists(), "no socket was bound");
 }
+
+async fn a_container_over_its_memory_limit_exits_oom_killed(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
+    lab.pull().await;
+    let pod = lab.run_pod("oom").await;
+    // `tail` keeps the newline-free /dev/zero in memory until the cgroup's limit kills it.
+    let mut config = lab.container_config("hog", &["busybox", "tail", "/dev/zero"]);
+    config.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 16 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let hog = lab.run_container_with(&pod, "oom", config).await;
+    let s = lab.wait_exited(&hog).await;
+    assert_eq!(
+        (s.exit_code, s.reason.as_str()),
+        (137, "OOMKilled"),
+        "{s:?}"
+    );
+    let calm = lab.run_container(&pod, "oom", "calm", &["true"]).await;
+    let s = lab.wait_exited(&calm).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"), "{s:?}");
+}
+per_runtime!(a_container_over_its_memory_limit_exits_oom_killed);

@@ -1,11 +1,11 @@
-//! `--pause-image`: the sandbox's namespace holder is a container run by runc from the lab's
-//! `sleep` pause image (pulled on first use), which the pod's containers join; stop/remove and
-//! failures leave nothing, and a restarted shim finds it.
+//! `--pause-image`: the sandbox's namespace holder is a container run by runc or crun from
+//! the lab's `sleep` pause image (pulled on first use), which the pod's containers join;
+//! stop/remove and failures leave nothing, and a restarted shim finds it.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use common::{Lab, LabOptions};
+use common::{Lab, LabOptions, OciRuntime};
 use nodekit_conformance::cri::lab::{ABSENT_IMAGE, PAUSE_IMAGE};
 use nodekit_proto::cri::v1 as cri;
 
@@ -34,9 +34,8 @@ fn entries(path: std::path::PathBuf) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[tokio::test]
-async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.restart_shim_with(&["--pause-image", PAUSE_IMAGE]).await;
     lab.pull().await;
     let web = lab.run_pod("web").await;
@@ -51,7 +50,7 @@ async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
     pods.sort();
     assert_eq!(known, pods, "runc runs one sandbox container per pod");
 
-    let pause = lab.runc_pid(&web);
+    let pause = lab.init_pid(&web);
     let cmdline = std::fs::read_to_string(format!("/proc/{pause}/cmdline")).unwrap();
     assert_eq!(
         cmdline.split('\0').collect::<Vec<_>>(),
@@ -82,7 +81,7 @@ async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
     let sidecar = lab
         .run_container(&web, "web", "sidecar", &["sleep", "3600"])
         .await;
-    let (a, b) = (lab.runc_pid(&server), lab.runc_pid(&sidecar));
+    let (a, b) = (lab.init_pid(&server), lab.init_pid(&sidecar));
     for kind in ["ipc", "uts", "net"] {
         assert_eq!(
             ns(a, kind),
@@ -116,7 +115,7 @@ async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
         .run_container(&web, "web", "late", &["sleep", "3600"])
         .await;
     assert_eq!(
-        ns(lab.runc_pid(&late), "ipc"),
+        ns(lab.init_pid(&late), "ipc"),
         ns(pause, "ipc"),
         "after a restart new containers join the same sandbox"
     );
@@ -147,10 +146,12 @@ async fn pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing() {
     assert!(entries(lab.path("state/sandboxes")).is_empty());
     assert!(entries(lab.path("root/sandboxes")).is_empty());
 }
+per_runtime!(pause_image_sandboxes_hold_the_pod_namespaces_and_leave_nothing);
 
-#[tokio::test]
-async fn unpullable_or_failing_pause_containers_fail_run_pod_sandbox_and_leave_nothing() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn unpullable_or_failing_pause_containers_fail_run_pod_sandbox_and_leave_nothing(
+    runtime: OciRuntime,
+) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.restart_shim_with(&["--pause-image", ABSENT_IMAGE])
         .await;
     let err = lab
@@ -186,13 +187,13 @@ async fn unpullable_or_failing_pause_containers_fail_run_pod_sandbox_and_leave_n
     // The name is free again.
     lab.run_pod("doomed").await;
 }
+per_runtime!(unpullable_or_failing_pause_containers_fail_run_pod_sandbox_and_leave_nothing);
 
-#[tokio::test]
-async fn host_network_pause_containers_keep_the_node_network_and_hostname() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn host_network_pause_containers_keep_the_node_network_and_hostname(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.restart_shim_with(&["--pause-image", PAUSE_IMAGE]).await;
     let pod = lab.run_host_network_pod().await;
-    let (pause, shim) = (lab.runc_pid(&pod), lab.runtime_pid().unwrap());
+    let (pause, shim) = (lab.init_pid(&pod), lab.runtime_pid().unwrap());
     for kind in ["net", "uts"] {
         assert_eq!(
             ns(pause, kind),
@@ -213,3 +214,4 @@ async fn host_network_pause_containers_keep_the_node_network_and_hostname() {
         .unwrap();
     lab.assert_nothing_left();
 }
+per_runtime!(host_network_pause_containers_keep_the_node_network_and_hostname);

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{log_records, Lab, LabOptions};
+use common::{log_records, Lab, LabOptions, OciRuntime};
 use nodekit_proto::cri::v1 as cri;
 use tokio_tungstenite::tungstenite;
 use tonic::Code;
@@ -20,9 +20,9 @@ const ERROR: u8 = 3;
 const RESIZE: u8 = 4;
 const CLOSE: u8 = 255;
 
-/// A pod with one running `sleep` container: (lab, container ID, sandbox ID).
-async fn lab_with_container(name: &str) -> (Lab, String, String) {
-    let mut lab = Lab::start(LabOptions::default()).await;
+/// A pod with one running `sleep` container under `runtime`: (lab, container ID, sandbox ID).
+async fn lab_with_container(name: &str, runtime: OciRuntime) -> (Lab, String, String) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.pull().await;
     let pod = lab.run_pod(name).await;
     let id = lab
@@ -65,9 +65,8 @@ fn text(all: &BTreeMap<u8, Vec<u8>>, channel: u8) -> String {
     String::from_utf8_lossy(all.get(&channel).map(Vec::as_slice).unwrap_or_default()).into_owned()
 }
 
-#[tokio::test]
-async fn exec_without_tty_streams_stdout_stderr_stdin_and_the_exit_code() {
-    let (mut lab, id, _) = lab_with_container("wsexec").await;
+async fn exec_without_tty_streams_stdout_stderr_stdin_and_the_exit_code(runtime: OciRuntime) {
+    let (mut lab, id, _) = lab_with_container("wsexec", runtime).await;
 
     let cmd = ["sh", "-c", "echo out; echo err >&2; exit 3"];
     let url = exec_url(&mut lab, exec_request(&id, &cmd, false, false)).await;
@@ -119,10 +118,10 @@ async fn exec_without_tty_streams_stdout_stderr_stdin_and_the_exit_code() {
         .await;
     assert_eq!(status(&all)["status"], "Failure", "{all:?}");
 }
+per_runtime!(exec_without_tty_streams_stdout_stderr_stdin_and_the_exit_code);
 
-#[tokio::test]
-async fn exec_with_tty_has_a_terminal_that_echoes_and_resizes() {
-    let (mut lab, id, _) = lab_with_container("wstty").await;
+async fn exec_with_tty_has_a_terminal_that_echoes_and_resizes(runtime: OciRuntime) {
+    let (mut lab, id, _) = lab_with_container("wstty", runtime).await;
     let script =
         "tty; while read line; do [ \"$line\" = q ] && exit 0; echo got:$line; stty size; done";
     let url = exec_url(
@@ -151,10 +150,11 @@ async fn exec_with_tty_has_a_terminal_that_echoes_and_resizes() {
     );
     assert_eq!(status(&all)["status"], "Success", "{all:?}");
 }
+per_runtime!(exec_with_tty_has_a_terminal_that_echoes_and_resizes);
 
 #[tokio::test]
 async fn streaming_urls_are_single_use_and_requests_are_validated() {
-    let (mut lab, id, pod) = lab_with_container("wsurl").await;
+    let (mut lab, id, pod) = lab_with_container("wsurl", OciRuntime::Runc).await;
     let http_status = |e: tungstenite::Error| match e {
         tungstenite::Error::Http(resp) => resp.status().as_u16(),
         other => panic!("expected an HTTP error, got {other}"),
@@ -219,9 +219,8 @@ async fn streaming_urls_are_single_use_and_requests_are_validated() {
     assert_eq!(err.code(), Code::NotFound, "{err}");
 }
 
-#[tokio::test]
-async fn port_forward_reaches_a_port_inside_the_pod() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn port_forward_reaches_a_port_inside_the_pod(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.pull().await;
     let pod = lab.run_pod("wspf").await;
     lab.run_container(
@@ -283,6 +282,7 @@ async fn port_forward_reaches_a_port_inside_the_pod() {
     let error = text(&all, 1);
     assert!(error.contains("localhost:9"), "{all:?}");
 }
+per_runtime!(port_forward_reaches_a_port_inside_the_pod);
 
 /// Runs `kubectl` (client-go's real WebSocket and SPDY clients) in the node namespace against
 /// the stand-in API server, which proxies to the shim's streaming server like a kubelet.
@@ -340,7 +340,7 @@ fn which(name: &str) -> bool {
 
 #[tokio::test]
 async fn kubectl_exec_works_over_websocket_and_spdy() {
-    let (lab, id, pod) = lab_with_container("kexec").await;
+    let (lab, id, pod) = lab_with_container("kexec", OciRuntime::Runc).await;
     let api = common::apiserver::ApiServer::start(
         lab.node.path().to_path_buf(),
         lab.runtime.clone(),
@@ -588,9 +588,10 @@ async fn wait_logged(lab: &mut Lab, id: &str, stream: &str, want: &str) {
     }
 }
 
-#[tokio::test]
-async fn attach_relays_stdin_stdout_and_stderr_of_a_shell_and_output_is_logged() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn attach_relays_stdin_stdout_and_stderr_of_a_shell_and_output_is_logged(
+    runtime: OciRuntime,
+) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.pull().await;
     let pod = lab.run_pod("attach").await;
     let id = run_interactive(
@@ -648,10 +649,10 @@ async fn attach_relays_stdin_stdout_and_stderr_of_a_shell_and_output_is_logged()
     assert_eq!(status(&all)["status"], "Success", "{all:?}");
     assert_eq!(lab.wait_exited(&id).await.exit_code, 4);
 }
+per_runtime!(attach_relays_stdin_stdout_and_stderr_of_a_shell_and_output_is_logged);
 
-#[tokio::test]
-async fn attach_to_a_tty_container_shows_its_terminal_and_resizes_it() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn attach_to_a_tty_container_shows_its_terminal_and_resizes_it(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.pull().await;
     let pod = lab.run_pod("attty").await;
     let id = run_interactive(&mut lab, &pod, "attty", "sh", &["sh"], (true, false, true)).await;
@@ -676,10 +677,10 @@ async fn attach_to_a_tty_container_shows_its_terminal_and_resizes_it() {
     assert_eq!(status(&all)["status"], "Success", "{all:?}");
     lab.wait_exited(&id).await;
 }
+per_runtime!(attach_to_a_tty_container_shows_its_terminal_and_resizes_it);
 
-#[tokio::test]
-async fn stdin_once_closes_stdin_when_the_first_session_with_stdin_ends() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn stdin_once_closes_stdin_when_the_first_session_with_stdin_ends(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.pull().await;
     let pod = lab.run_pod("once").await;
     let script = "cat; echo stdin closed";
@@ -718,6 +719,7 @@ async fn stdin_once_closes_stdin_when_the_first_session_with_stdin_ends() {
     assert_eq!(status(&all)["status"], "Success", "{all:?}");
     assert_eq!(lab.wait_exited(&id).await.exit_code, 0);
 }
+per_runtime!(stdin_once_closes_stdin_when_the_first_session_with_stdin_ends);
 
 #[tokio::test]
 async fn attach_requests_are_validated_with_the_contracts_codes() {
@@ -766,9 +768,8 @@ async fn attach_requests_are_validated_with_the_contracts_codes() {
     assert!(err.is_err(), "an attach token opened an exec");
 }
 
-#[tokio::test]
-async fn attach_works_after_a_shim_restart() {
-    let mut lab = Lab::start(LabOptions::default()).await;
+async fn attach_works_after_a_shim_restart(runtime: OciRuntime) {
+    let mut lab = Lab::start(LabOptions::with_runtime(runtime)).await;
     lab.pull().await;
     let pod = lab.run_pod("attrestart").await;
     let id = run_interactive(
@@ -791,6 +792,7 @@ async fn attach_works_after_a_shim_restart() {
     read_until(&mut ch, STDOUT, "survived", Some(b"echo survived\n")).await;
     wait_logged(&mut lab, &id, "stdout", "survived").await;
 }
+per_runtime!(attach_works_after_a_shim_restart);
 
 #[tokio::test]
 async fn kubectl_attach_works_over_websocket_and_spdy() {
@@ -827,3 +829,67 @@ async fn kubectl_attach_works_over_websocket_and_spdy() {
         assert_eq!(lab.wait_exited(&id).await.exit_code, 0, "{name}");
     }
 }
+
+async fn exec_commands_end_when_their_client_goes_away(runtime: OciRuntime) {
+    let (mut lab, id, _) = lab_with_container("wsgone", runtime).await;
+    for tty in [false, true] {
+        let url = exec_url(&mut lab, exec_request(&id, &["sleep", "3600"], true, tty)).await;
+        let ch = lab
+            .stream_connect(&url, &["v5.channel.k8s.io"])
+            .await
+            .unwrap();
+        // Wait until the command runs, then hang up.
+        let sleeps = |lab: &mut Lab| {
+            let mut rt = lab.runtime.clone();
+            let id = id.clone();
+            async move {
+                let ps = rt
+                    .exec_sync(cri::ExecSyncRequest {
+                        container_id: id,
+                        cmd: vec!["sh".into(), "-c".into(), "cat /proc/[0-9]*/stat".into()],
+                        timeout: 10,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                String::from_utf8_lossy(&ps.stdout)
+                    .matches("(sleep)")
+                    .count()
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sleeps(&mut lab).await < 2 {
+            assert!(Instant::now() < deadline, "tty {tty}: the exec never ran");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(ch);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sleeps(&mut lab).await > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "tty {tty}: the command outlived its client\n{}",
+                lab.shim_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let runtime_dir = lab.path("state/runtime");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let execs: Vec<_> =
+                nodekit_conformance::cri::lab::procs::mentioning(&runtime_dir.to_string_lossy())
+                    .into_iter()
+                    .filter(|p| p.program() == runtime.name())
+                    .collect();
+            if execs.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tty {tty}: {} exec left running: {execs:?}",
+                runtime.name()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+per_runtime!(exec_commands_end_when_their_client_goes_away);

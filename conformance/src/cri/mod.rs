@@ -6,7 +6,7 @@
 //!
 //! Targets: `cri[nodekit]` (the default) starts `nodekit-cri`, found beside this executable,
 //! on a throwaway [`lab`] (node namespace, local registry with busybox images, bridge +
-//! host-local CNI, runc); `cri[containerd]` (with `--cri-containerd`, besides nodekit) runs
+//! host-local CNI, runc; `cri[nodekit-crun]` with `--cri-runtime crun`); `cri[containerd]` (with `--cri-containerd`, besides nodekit) runs
 //! Debian's containerd on an identical lab, and the suite ends with the checks on which the
 //! two differ; `cri[custom]` talks to any runtime already serving at `--cri-endpoint`,
 //! with the containers' image from `--cri-image` (busybox), skipping the lab-only checks.
@@ -27,7 +27,7 @@ use tonic::transport::Channel;
 
 use crate::report::{Reporter, Status};
 use crate::suite;
-use lab::{CriRuntime, Lab, LabError, LabOptions};
+use lab::{CriRuntime, Lab, LabError, LabOptions, OciRuntime};
 use pod::PodTemplate;
 
 /// The suite's name.
@@ -44,8 +44,8 @@ const LOG_TAIL: usize = 30;
 /// A runtime the suite runs against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CriTarget {
-    /// `nodekit-cri` beside the running executable, on a lab.
-    Nodekit,
+    /// `nodekit-cri` beside the running executable, on a lab, driving this OCI runtime.
+    Nodekit(OciRuntime),
     /// Debian's containerd on a lab.
     Containerd,
     /// A runtime already serving at `socket`; containers run `image` (busybox applets).
@@ -61,7 +61,8 @@ impl CriTarget {
     /// The label in test names.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Nodekit => "nodekit",
+            Self::Nodekit(OciRuntime::Runc) => "nodekit",
+            Self::Nodekit(OciRuntime::Crun) => "nodekit-crun",
             Self::Containerd => "containerd",
             Self::Endpoint { .. } => "custom",
         }
@@ -150,12 +151,15 @@ impl Env {
             .build()
             .map_err(CriSuiteError::Runtime)?;
         let (socket, lab, scratch, template) = match target {
-            CriTarget::Nodekit | CriTarget::Containerd => {
-                let runtime = match target {
-                    CriTarget::Nodekit => CriRuntime::nodekit(nodekit_binary()?),
-                    _ => CriRuntime::Containerd,
+            CriTarget::Nodekit(_) | CriTarget::Containerd => {
+                let (runtime, oci_runtime) = match target {
+                    CriTarget::Nodekit(oci) => (CriRuntime::nodekit(nodekit_binary()?), *oci),
+                    _ => (CriRuntime::Containerd, OciRuntime::Runc),
                 };
-                let mut lab = Lab::create(&LabOptions::default())?;
+                let mut lab = Lab::create(&LabOptions {
+                    oci_runtime,
+                    ..Default::default()
+                })?;
                 let socket = lab.start_runtime(&runtime)?;
                 let template = lab.template();
                 (socket, Some(lab), None, template)

@@ -1,6 +1,6 @@
 //! The test lab: the conformance runner's CRI lab (`nodekit_conformance::cri::lab`: a node
 //! network namespace `nk-...` with a local registry holding busybox-static images, bridge +
-//! host-local CNI config, runc), shared with suite `cri` and `nodekit-bench cri`, running the
+//! host-local CNI config, runc or crun), shared with suite `cri` and `nodekit-bench cri`, running the
 //! real `nodekit-cri` binary driven over its unix socket; plus this crate's test helpers (a
 //! CNI plugin that refuses pods, panicking CRI calls, a streaming client). Drop removes
 //! everything the lab made: processes, runtime containers, mounts, namespaces, cgroups.
@@ -9,6 +9,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
+pub use nodekit_conformance::cri::lab::OciRuntime;
 pub use nodekit_conformance::cri::lab::IMAGE;
 use nodekit_conformance::cri::lab::{CriRuntime, Lab as CriLab, LabOptions as CriLabOptions};
 use nodekit_nsutil::NetNs;
@@ -49,8 +50,8 @@ pub struct LabOptions {
     pub registry: bool,
     /// A plugin type appended to the conflist (one of the fake plugins).
     pub extra_plugin: Option<&'static str>,
-    /// Flags for `nodekit-cri` after the lab's own.
-    pub shim_args: Vec<String>,
+    /// The OCI runtime the shim drives.
+    pub runtime: OciRuntime,
 }
 
 impl Default for LabOptions {
@@ -59,9 +60,37 @@ impl Default for LabOptions {
             network: true,
             registry: true,
             extra_plugin: None,
-            shim_args: Vec::new(),
+            runtime: OciRuntime::Runc,
         }
     }
+}
+
+impl LabOptions {
+    /// The default lab with the shim driving `runtime`.
+    pub fn with_runtime(runtime: OciRuntime) -> Self {
+        Self {
+            runtime,
+            ..Default::default()
+        }
+    }
+}
+
+/// Makes the async test body `fn NAME(runtime: OciRuntime)` one test per OCI runtime,
+/// `NAME::runc` and `NAME::crun`, so the paths where runc and crun differ run under both.
+#[macro_export]
+macro_rules! per_runtime {
+    ($($body:ident),* $(,)?) => {$(
+        mod $body {
+            #[tokio::test]
+            async fn runc() {
+                super::$body($crate::common::OciRuntime::Runc).await
+            }
+            #[tokio::test]
+            async fn crun() {
+                super::$body($crate::common::OciRuntime::Crun).await
+            }
+        }
+    )*};
 }
 
 impl std::ops::Deref for Lab {
@@ -77,6 +106,7 @@ impl Lab {
             network: opts.network,
             registry: opts.registry,
             extra_plugin: opts.extra_plugin.map(String::from),
+            oci_runtime: opts.runtime,
         })
         .unwrap_or_else(|e| panic!("building the lab (needs root): {e}"));
         let fail = lab.cni_bin_dir().join("nk-fail");
@@ -89,7 +119,7 @@ impl Lab {
             node: NetNs::open(lab.node().path()).unwrap(),
             prefix: lab.prefix().to_string(),
             cgroup_parent: lab.cgroup_parent(),
-            shim_args: opts.shim_args,
+            shim_args: Vec::new(),
             lab,
         };
         lab.start_shim().await;
@@ -216,6 +246,8 @@ impl Lab {
         .await
     }
 
+    /// StartContainer; also asserts that the lab's OCI runtime (not another) holds the
+    /// container's state.
     pub async fn start_container(&mut self, id: &str) {
         self.runtime
             .start_container(cri::StartContainerRequest {
@@ -223,6 +255,11 @@ impl Lab {
             })
             .await
             .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", self.shim_log()));
+        assert!(
+            self.lab.container_pid(id).is_some(),
+            "{} has no state of container {id}",
+            self.oci_runtime().name()
+        );
     }
 
     pub async fn create_container(
@@ -313,7 +350,7 @@ impl Lab {
             .items
     }
 
-    /// Asserts that nothing pods or containers made is left: no pod netns, runc state, mount
+    /// Asserts that nothing pods or containers made is left: no pod netns, runtime state, mount
     /// under the lab, process in the lab's cgroups or held address.
     pub fn assert_nothing_left(&self) {
         assert!(
@@ -321,8 +358,8 @@ impl Lab {
             "{:?}",
             self.leftover_netns()
         );
-        let runc = self.leftover_runtime_containers();
-        assert!(runc.is_empty(), "runc state left: {runc:?}");
+        let state = self.leftover_runtime_containers();
+        assert!(state.is_empty(), "runtime state left: {state:?}");
         let mounts = self.leftover_mounts();
         assert!(mounts.is_empty(), "mounts left: {mounts:?}");
         assert!(self.cgroup_pids().is_empty(), "processes left");
@@ -408,17 +445,11 @@ impl Lab {
         pod
     }
 
-    /// The host PID of the init process of the runtime (runc) container `id`.
-    pub fn runc_pid(&self, id: &str) -> i32 {
-        let out = std::process::Command::new(nodekit_conformance::cri::lab::RUNC)
-            .arg("--root")
-            .arg(self.path("state/runtime"))
-            .args(["state", id])
-            .output()
-            .unwrap();
-        let state: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("runc state {id}: {e}: {out:?}"));
-        state["pid"].as_i64().unwrap() as i32
+    /// The host PID of the init process of the runtime's container `id`.
+    pub fn init_pid(&self, id: &str) -> i32 {
+        self.lab
+            .container_pid(id)
+            .unwrap_or_else(|| panic!("{} state {id}: no PID", self.oci_runtime().name()))
     }
 
     pub async fn wait_exited(&mut self, id: &str) -> cri::ContainerStatus {

@@ -34,8 +34,10 @@ pub const SPARE_IMAGE: &str = "127.0.0.1:5000/nk/spare:1";
 pub const ABSENT_IMAGE: &str = "127.0.0.1:5000/nk/absent:1";
 /// Where the reference CNI plugins are.
 pub const CNI_PLUGINS: &str = "/usr/lib/cni";
-/// The OCI runtime both CRI runtimes use.
+/// The OCI runtime both CRI runtimes use by default (containerd always).
 pub const RUNC: &str = "/usr/sbin/runc";
+/// The other OCI runtime nodekit-cri can drive.
+pub const CRUN: &str = "/usr/bin/crun";
 /// The CNI network name.
 pub const NETWORK: &str = "nk-test";
 /// The pods' subnet (host-local).
@@ -155,6 +157,8 @@ pub struct LabOptions {
     pub registry: bool,
     /// A plugin type appended to the conflist (a test's own plugin in the CNI bin dir).
     pub extra_plugin: Option<String>,
+    /// The OCI runtime nodekit-cri drives (`--runtime`); containerd always uses runc.
+    pub oci_runtime: OciRuntime,
 }
 
 impl Default for LabOptions {
@@ -163,6 +167,38 @@ impl Default for LabOptions {
             network: true,
             registry: true,
             extra_plugin: None,
+            oci_runtime: OciRuntime::Runc,
+        }
+    }
+}
+
+/// An OCI runtime nodekit-cri can drive; the lab lists and deletes its containers with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OciRuntime {
+    /// [`RUNC`].
+    #[default]
+    Runc,
+    /// [`CRUN`].
+    Crun,
+}
+
+impl OciRuntime {
+    /// Both, in the order tests and the runner try them.
+    pub const ALL: [OciRuntime; 2] = [OciRuntime::Runc, OciRuntime::Crun];
+
+    /// nodekit-cri's `--runtime` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Runc => "runc",
+            Self::Crun => "crun",
+        }
+    }
+
+    /// The installed binary.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Self::Runc => RUNC,
+            Self::Crun => CRUN,
         }
     }
 }
@@ -212,6 +248,7 @@ pub struct Lab {
     prefix: String,
     node: NamedNetNs,
     dir: tempfile::TempDir,
+    oci_runtime: OciRuntime,
 }
 
 impl Lab {
@@ -219,6 +256,7 @@ impl Lab {
     /// reference plugins, `ipam`, `logs`), then what `opts` asks for.
     pub fn create(opts: &LabOptions) -> Result<Self, LabError> {
         require(RUNC, "runc")?;
+        require(opts.oci_runtime.binary(), opts.oci_runtime.name())?;
         require(
             &format!("{CNI_PLUGINS}/bridge"),
             "containernetworking-plugins",
@@ -242,6 +280,7 @@ impl Lab {
             prefix,
             node,
             dir,
+            oci_runtime: opts.oci_runtime,
         };
         for d in ["root", "state", "cniconf", "cnibin", "ipam", "logs"] {
             let p = lab.path(d);
@@ -331,7 +370,13 @@ impl Lab {
         }
     }
 
-    /// nodekit-cri's flags for this lab (socket, root, state, CNI dirs, namespace prefix).
+    /// The OCI runtime nodekit-cri drives in this lab.
+    pub fn oci_runtime(&self) -> OciRuntime {
+        self.oci_runtime
+    }
+
+    /// nodekit-cri's flags for this lab (socket, root, state, CNI dirs, namespace prefix,
+    /// OCI runtime).
     pub fn nodekit_args(&self) -> Vec<String> {
         let p = |rel: &str| self.path(rel).to_string_lossy().into_owned();
         vec![
@@ -347,6 +392,8 @@ impl Lab {
             p("cniconf"),
             "--netns-prefix".into(),
             format!("{}-", self.prefix),
+            "--runtime".into(),
+            self.oci_runtime.name().into(),
         ]
     }
 
@@ -479,28 +526,47 @@ impl Lab {
             .unwrap_or_default()
     }
 
-    /// runc roots the lab's runtimes use.
-    fn runc_roots(&self) -> [PathBuf; 2] {
+    /// The OCI runtime binaries of the lab's runtimes with their state roots.
+    fn runtime_roots(&self) -> [(&'static str, PathBuf); 2] {
         [
-            self.path("state/runtime"),
-            containerd::Layout::new(&self.path("containerd")).runc_root,
+            (self.oci_runtime.binary(), self.path("state/runtime")),
+            (
+                RUNC,
+                containerd::Layout::new(&self.path("containerd")).runc_root,
+            ),
         ]
     }
 
-    /// Containers runc still knows in the lab's runc roots.
+    /// `BINARY --root ROOT ARGS`.
+    fn oci_command(binary: &str, root: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(binary);
+        cmd.arg("--root").arg(root).args(args);
+        cmd
+    }
+
+    /// Containers the OCI runtimes still know in the lab's state roots.
     pub fn leftover_runtime_containers(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for root in self.runc_roots().iter().filter(|r| r.is_dir()) {
-            if let Ok(o) = Command::new(RUNC)
-                .arg("--root")
-                .arg(root)
-                .args(["list", "-q"])
-                .output()
-            {
+        for (binary, root) in self.runtime_roots().iter().filter(|(_, r)| r.is_dir()) {
+            if let Ok(o) = Self::oci_command(binary, root, &["list", "-q"]).output() {
                 out.extend(String::from_utf8_lossy(&o.stdout).lines().map(String::from));
             }
         }
         out
+    }
+
+    /// The host PID of the init process of nodekit-cri's container (or sandbox container)
+    /// `id`, as its OCI runtime's `state` reports it.
+    pub fn container_pid(&self, id: &str) -> Option<i32> {
+        let out = Self::oci_command(
+            self.oci_runtime.binary(),
+            &self.path("state/runtime"),
+            &["state", id],
+        )
+        .output()
+        .ok()?;
+        let state: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        state["pid"].as_i64().and_then(|p| i32::try_from(p).ok())
     }
 
     /// Mount points under the lab directory, deepest first.
@@ -562,20 +628,13 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.kill_runtime();
-        for root in self.runc_roots() {
-            let ids = Command::new(RUNC)
-                .arg("--root")
-                .arg(&root)
-                .args(["list", "-q"])
+        for (binary, root) in self.runtime_roots() {
+            let ids = Self::oci_command(binary, &root, &["list", "-q"])
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
             for id in ids.lines() {
-                let _ = Command::new(RUNC)
-                    .arg("--root")
-                    .arg(&root)
-                    .args(["delete", "--force", id])
-                    .output();
+                let _ = Self::oci_command(binary, &root, &["delete", "--force", id]).output();
             }
         }
         for pid in self.cgroup_pids() {
