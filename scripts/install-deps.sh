@@ -3,7 +3,7 @@
 # Idempotent: skips apt when everything is already there.
 set -euo pipefail
 
-packages=(containernetworking-plugins iproute2 nftables iputils-ping etcd-server protobuf-compiler e2fsprogs xfsprogs runc crun containerd docker-registry busybox-static)
+packages=(containernetworking-plugins iproute2 nftables iputils-ping etcd-server protobuf-compiler e2fsprogs xfsprogs runc crun containerd docker-registry busybox-static openssl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{image_spec, Lab, LabOptions};
-use nodekit_conformance::cri::lab::REGISTRY;
+use nodekit_conformance::cri::lab::{REGISTRY, TLS_REGISTRY};
 use nodekit_proto::cri::v1 as cri;
 use tonic::Code;
 
@@ -142,4 +142,54 @@ async fn default_hosts_respect_capabilities_and_override_path_and_bad_files_name
         "{err}"
     );
     assert_eq!(err.code(), Code::Unknown);
+}
+
+#[tokio::test]
+async fn https_mirrors_are_verified_against_their_ca_unless_told_to_skip() {
+    let mut lab = Lab::start(LabOptions::default()).await;
+    let ca = lab.start_tls_registry();
+    let certs = lab.path("certs.d");
+    let host_dir = certs.join("registry.k8s.io");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::copy(&ca, host_dir.join("lab-ca.pem")).unwrap();
+    let certs_arg = certs.to_string_lossy().into_owned();
+    lab.restart_shim_with(&["--registry-config-dir", &certs_arg])
+        .await;
+    // Only the HTTPS mirror can serve the image: the server is unreachable from the lab.
+    let mirror = |extra: &str| {
+        format!(
+            "server = \"https://registry.k8s.io\"\n\n\
+             [host.\"https://{TLS_REGISTRY}\"]\n  capabilities = [\"pull\", \"resolve\"]\n{extra}"
+        )
+    };
+
+    hosts_toml(
+        &certs,
+        "registry.k8s.io",
+        &mirror("  ca = \"lab-ca.pem\"\n"),
+    );
+    let id = pull(&mut lab, MIRRORED).await.unwrap_or_else(|e| {
+        panic!(
+            "PullImage over HTTPS with the lab CA: {e}\n{}",
+            lab.shim_log()
+        )
+    });
+    assert_eq!(lab.image_status(MIRRORED).await.unwrap().id, id);
+    lab.images
+        .remove_image(cri::RemoveImageRequest {
+            image: image_spec(MIRRORED),
+        })
+        .await
+        .unwrap();
+
+    hosts_toml(&certs, "registry.k8s.io", &mirror(""));
+    let err = pull(&mut lab, MIRRORED).await.unwrap_err();
+    assert!(
+        err.message().to_ascii_lowercase().contains("certificate"),
+        "an unknown CA is refused: {err}"
+    );
+    assert!(lab.image_status(MIRRORED).await.is_none());
+
+    hosts_toml(&certs, "registry.k8s.io", &mirror("  skip_verify = true\n"));
+    assert_eq!(pull(&mut lab, MIRRORED).await.unwrap(), id);
 }

@@ -158,6 +158,13 @@ impl Lab {
         self.start_shim().await;
     }
 
+    /// Serves the registry over HTTPS too; returns the CA file a client must trust.
+    pub fn start_tls_registry(&mut self) -> std::path::PathBuf {
+        self.lab
+            .start_tls_registry()
+            .unwrap_or_else(|e| panic!("starting the HTTPS registry: {e}"))
+    }
+
     /// Kills the shim like a crash would (SIGKILL), leaving pods and containers running.
     pub fn kill_shim(&mut self) {
         self.lab.kill_runtime();

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use nodekit_nsutil::{unique_name, NamedNetNs, NsError, NETNS_RUN_DIR};
 
 use super::pod::PodTemplate;
-pub use registry::REGISTRY;
+pub use registry::{REGISTRY, TLS_REGISTRY};
 
 /// The test image: busybox applets, `sh` as its command.
 pub const IMAGE: &str = "127.0.0.1:5000/nk/busybox:1";
@@ -245,6 +245,7 @@ pub fn bridge_conflist(ipam_dir: &Path, extra_plugin: Option<&str>) -> String {
 pub struct Lab {
     runtime: Option<Child>,
     registry: Option<Child>,
+    tls_registry: Option<Child>,
     prefix: String,
     node: NamedNetNs,
     dir: tempfile::TempDir,
@@ -277,6 +278,7 @@ impl Lab {
         let mut lab = Self {
             runtime: None,
             registry: None,
+            tls_registry: None,
             prefix,
             node,
             dir,
@@ -320,6 +322,15 @@ impl Lab {
             registry::push(&self.node, repo, tag, &config, &layer)?;
         }
         Ok(())
+    }
+
+    /// Serves the registry's images over HTTPS on [`registry::TLS_REGISTRY`] too (until the
+    /// lab is dropped); returns the PEM file of the CA that issued its certificate.
+    pub fn start_tls_registry(&mut self) -> Result<PathBuf, LabError> {
+        require(registry::OPENSSL, "openssl")?;
+        let (child, ca) = registry::start_tls(&self.node, self.dir.path())?;
+        self.tls_registry = Some(child);
+        Ok(ca)
     }
 
     /// A path inside the lab directory.
@@ -648,7 +659,10 @@ impl Drop for Lab {
                 }
             }
         }
-        if let Some(mut r) = self.registry.take() {
+        for mut r in [self.registry.take(), self.tls_registry.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = r.kill();
             let _ = r.wait();
         }

@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,8 +16,12 @@ use super::LabError;
 
 /// Where the registry listens (loopback of the node namespace).
 pub const REGISTRY: &str = "127.0.0.1:5000";
+/// Where the HTTPS registry listens (same storage as [`REGISTRY`]).
+pub const TLS_REGISTRY: &str = "127.0.0.1:5443";
 /// The registry executable.
 pub const BINARY: &str = "/usr/bin/docker-registry";
+/// Makes the HTTPS registry's CA and certificate.
+pub const OPENSSL: &str = "/usr/bin/openssl";
 /// How long the registry may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long one HTTP exchange may take.
@@ -26,18 +30,130 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Starts the registry inside `node` with its storage under `dir/registry`, logging to
 /// `dir/registry.log`; returns once it accepts connections.
 pub fn start(node: &NetNs, dir: &Path) -> Result<Child, LabError> {
+    serve(node, dir, "registry", REGISTRY, "")
+}
+
+/// Starts a second registry on [`TLS_REGISTRY`] serving the same storage over HTTPS, with a
+/// certificate for 127.0.0.1 issued by a CA of its own (made with Debian's openssl);
+/// returns it and the CA's PEM file, which a client must trust.
+pub fn start_tls(node: &NetNs, dir: &Path) -> Result<(Child, PathBuf), LabError> {
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki).map_err(LabError::io("creating", &pki))?;
+    let ext = pki.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .map_err(LabError::io("writing", &ext))?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for args in [
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=nk lab CA",
+            ],
+            &[
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign",
+            ],
+        ]
+        .concat(),
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ][..],
+    ] {
+        let out = Command::new(OPENSSL)
+            .args(args)
+            .current_dir(&pki)
+            .output()
+            .map_err(|source| LabError::Spawn {
+                what: OPENSSL,
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(LabError::Start {
+                what: "openssl",
+                detail: format!(
+                    "openssl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            });
+        }
+    }
+    let tls = format!(
+        "  tls:\n    certificate: {}\n    key: {}\n",
+        pki.join("server.pem").display(),
+        pki.join("server.key").display()
+    );
+    let child = serve(node, dir, "registry-tls", TLS_REGISTRY, &tls)?;
+    Ok((child, pki.join("ca.pem")))
+}
+
+/// Runs docker-registry on `addr` over the storage `dir/registry`, with `http_extra` appended
+/// to its `http:` section (`tls:` settings), config and log named after `name`.
+fn serve(
+    node: &NetNs,
+    dir: &Path,
+    name: &str,
+    addr: &str,
+    http_extra: &str,
+) -> Result<Child, LabError> {
     let storage = dir.join("registry");
     std::fs::create_dir_all(&storage).map_err(LabError::io("creating", &storage))?;
-    let config = dir.join("registry.yml");
+    let config = dir.join(format!("{name}.yml"));
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {REGISTRY}\n",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{http_extra}",
             storage.display()
         ),
     )
     .map_err(LabError::io("writing", &config))?;
-    let log_path = dir.join("registry.log");
+    let log_path = dir.join(format!("{name}.log"));
     let log = std::fs::File::create(&log_path).map_err(LabError::io("creating", &log_path))?;
     let mut cmd = Command::new(BINARY);
     cmd.arg("serve")
@@ -51,7 +167,7 @@ pub fn start(node: &NetNs, dir: &Path) -> Result<Child, LabError> {
     })?;
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if node.run(|| TcpStream::connect(REGISTRY).is_ok())? {
+        if node.run(|| TcpStream::connect(addr).is_ok())? {
             return Ok(child);
         }
         let exited = child.try_wait().ok().flatten();
@@ -61,7 +177,7 @@ pub fn start(node: &NetNs, dir: &Path) -> Result<Child, LabError> {
             return Err(LabError::Start {
                 what: "docker-registry",
                 detail: format!(
-                    "not listening on {REGISTRY}: {}",
+                    "not listening on {addr}: {}",
                     std::fs::read_to_string(&log_path).unwrap_or_default()
                 ),
             });
