@@ -136,9 +136,7 @@ impl OciRuntime {
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.args(&self.global_args).kill_on_drop(true);
-        if !self.hidden_mounts.is_empty() {
-            hide_mounts_in_child(cmd.as_std_mut(), &self.hidden_mounts);
-        }
+        hide_mounts_in_child(cmd.as_std_mut(), &self.hidden_mounts);
         cmd
     }
 

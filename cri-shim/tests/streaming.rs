@@ -641,6 +641,12 @@ async fn attach_relays_stdin_stdout_and_stderr_of_a_shell_and_output_is_logged(
         read_until(&mut watcher, STDOUT, "both", None).await;
     });
     read_until(&mut ch, STDOUT, "both", Some(b"echo both\n")).await;
+    // The watcher's session may reach the monitor after that first "both" (attach shows
+    // output from when it joins): the shell echoes on until the watcher has seen one.
+    while !watched.is_finished() {
+        ch.send(STDIN, b"echo both\n").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     watched.await.unwrap();
 
     // The shell exits: the session ends with a success status.

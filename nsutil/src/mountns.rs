@@ -64,8 +64,12 @@ impl HiddenMount {
 /// Makes `cmd`'s child start in a new mount namespace (a copy of the caller's) without the
 /// `hidden` mounts; the caller's mounts are never changed. The spawn fails if the caller
 /// lacks CAP_SYS_ADMIN. Only for short-lived children: a long-lived namespace copy would pin
-/// every mount that existed at its creation on hosts whose mounts are private.
+/// every mount that existed at its creation on hosts whose mounts are private. With nothing
+/// to hide, `cmd` is left as it is (no namespace, no copy of the mount table).
 pub fn hide_mounts_in_child(cmd: &mut Command, hidden: &[HiddenMount]) {
+    if hidden.is_empty() {
+        return;
+    }
     let hidden = hidden.to_vec();
     // SAFETY: the closure runs in the forked child before exec and only makes the
     // async-signal-safe syscalls unshare(2), mount(2) and umount2(2) on C strings allocated

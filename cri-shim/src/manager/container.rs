@@ -120,12 +120,7 @@ pub(super) async fn finish_monitor(monitor: Option<ProcessRef>) {
 
 /// Writes `spec` as the bundle's `config.json` (atomically).
 pub(super) fn write_bundle(bundle: &Path, spec: &oci_spec::runtime::Spec) -> Result<(), CriError> {
-    let path = bundle.join("config.json");
-    let json = serde_json::to_vec_pretty(spec).map_err(|source| StoreError::Corrupt {
-        path: path.clone(),
-        source,
-    })?;
-    Ok(store::write_atomic(&path, &json)?)
+    Ok(store::write_json(&bundle.join("config.json"), spec)?)
 }
 
 impl Manager {

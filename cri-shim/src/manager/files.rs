@@ -6,18 +6,15 @@ use std::path::Path;
 use nix::mount::{mount, MsFlags};
 use nodekit_proto::cri::v1::DnsConfig;
 
+use super::container::mkdirs;
 use super::mount_err;
 use crate::error::CriError;
-use crate::store::StoreError;
 
 /// Mounts the pod's /dev/shm at `path`: a 64 MiB tmpfs (containerd's size) that every
 /// container of the pod binds, so processes sharing the IPC namespace share POSIX shared
 /// memory as well.
 pub fn mount_shm(path: &Path) -> Result<(), CriError> {
-    std::fs::create_dir_all(path).map_err(|source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    mkdirs(path)?;
     mount(
         Some("shm"),
         path,

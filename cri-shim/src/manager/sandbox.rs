@@ -276,15 +276,14 @@ impl Manager {
             }
         };
         rec.pause = Some(holder);
+        let cgroup = (self.opts.cgroup_driver == CgroupDriver::Cgroupfs)
+            .then(|| self.opts.cgroup_driver.fs_path(&cgroups_path));
+        rec.cgroup = cgroup.clone();
+        // Recorded before the pause process enters it, so a rollback removes it.
         self.save_sandbox(rec)?;
-        if self.opts.cgroup_driver == CgroupDriver::Cgroupfs {
-            let cgroup = self.opts.cgroup_driver.fs_path(&cgroups_path);
-            rec.cgroup = Some(cgroup.clone());
-            self.save_sandbox(rec)?;
-            // The runtime put a sandbox container in its cgroup already.
-            if rec.sandbox_container.is_none() {
-                self.cgroups.enter(&cgroup, holder.pid as u32)?;
-            }
+        // The runtime put a sandbox container in its cgroup already.
+        if let Some(cgroup) = cgroup.filter(|_| rec.sandbox_container.is_none()) {
+            self.cgroups.enter(&cgroup, holder.pid as u32)?;
         }
         rec.phase = SandboxPhase::Ready;
         self.save_sandbox(rec)
