@@ -3,8 +3,8 @@
 //! 1. per 1 GiB ext4 volume, CreateVolume + NodeStageVolume + NodePublishVolume and the
 //!    reverse through the real driver, against the bare sequence (sparse file, loop attach,
 //!    mkfs, mount / umount, detach, remove) timed in the same run (goal: at most 1.2x),
-//!    with the cost of a no-op RPC (NodeGetCapabilities) on the same connection: the floor
-//!    that the driver's three RPCs per half add to the bare sequence;
+//!    per step too, with the cost of a no-op RPC (NodeGetCapabilities) on the same
+//!    connection: the floor that the driver's six RPCs add to the bare sequence;
 //! 2. CreateSnapshot of a 1 GiB volume holding 256 MiB of data on an xfs pool (reflink;
 //!    goal: under 50 ms);
 //! 3. 20 volumes created and staged in parallel (goal: no loop-device contention failure).
@@ -36,8 +36,32 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// The bare kernel sequence for one volume: (setup, teardown).
-fn bare_round(lab: &Lab, i: usize) -> (Duration, Duration) {
+/// Step names and times of one half of a round.
+type Steps = Vec<(&'static str, Duration)>;
+
+/// Times each step of a sequence, in order.
+struct Stopwatch {
+    last: Instant,
+    steps: Steps,
+}
+
+impl Stopwatch {
+    fn start() -> Self {
+        Self {
+            last: Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.steps.push((step, now - self.last));
+        self.last = now;
+    }
+}
+
+/// The bare kernel sequence for one volume: (setup, teardown) steps.
+fn bare_round(lab: &Lab, i: usize) -> (Steps, Steps) {
     let loops = KernelLoopDevices::default();
     let mounter = KernelMounter::default();
     let img = std::fs::canonicalize(lab.pool())
@@ -45,38 +69,49 @@ fn bare_round(lab: &Lab, i: usize) -> (Duration, Duration) {
         .join(format!("bare-{i}.img"));
     let mnt = lab.path().join(format!("bare-mnt-{i}"));
     std::fs::create_dir_all(&mnt).expect("mkdir");
-    let start = Instant::now();
-    image::create_sparse(&img, GIB).expect("sparse");
-    let dev = loops.attach(&img).expect("attach");
-    SystemFsTools.mkfs(FsType::Ext4, &dev.path()).expect("mkfs");
     let opts = MountOptions::parse::<&str>(&[]).expect("opts");
+    let mut up = Stopwatch::start();
+    image::create_sparse(&img, GIB).expect("sparse");
+    up.lap("sparse file");
+    let dev = loops.attach(&img).expect("attach");
+    up.lap("loop attach");
+    SystemFsTools.mkfs(FsType::Ext4, &dev.path()).expect("mkfs");
+    up.lap("mkfs");
     mounter
         .mount_fs(&dev.path(), &mnt, "ext4", &opts)
         .expect("mount");
-    let setup = start.elapsed();
-    let start = Instant::now();
+    up.lap("mount");
+    let mut down = Stopwatch::start();
     mounter.unmount(&mnt).expect("umount");
+    down.lap("umount");
     loops.detach(dev).expect("detach");
+    down.lap("loop detach");
     image::remove(&img).expect("rm");
-    (setup, start.elapsed())
+    down.lap("rm");
+    (up.steps, down.steps)
 }
 
-/// The same through the driver: (create+stage+publish, unpublish+unstage+delete).
-async fn driver_round(c: &mut Clients, lab: &Lab, i: usize) -> (Duration, Duration) {
+/// The same through the driver: (create, stage, publish) and (unpublish, unstage, delete).
+async fn driver_round(c: &mut Clients, lab: &Lab, i: usize) -> (Steps, Steps) {
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
     let name = format!("bench-{i}");
     let staging = lab.staging(&name);
     let target = lab.target(&name);
-    let start = Instant::now();
+    let mut up = Stopwatch::start();
     let vol = c.create(&name, GIB, cap.clone()).await;
+    up.lap("CreateVolume");
     c.stage(&vol, &staging, cap.clone()).await;
+    up.lap("NodeStageVolume");
     c.publish(&vol, &staging, &target, cap, false).await;
-    let setup = start.elapsed();
-    let start = Instant::now();
+    up.lap("NodePublishVolume");
+    let mut down = Stopwatch::start();
     c.unpublish(&vol.volume_id, &target).await;
+    down.lap("NodeUnpublishVolume");
     c.unstage(&vol.volume_id, &staging).await;
+    down.lap("NodeUnstageVolume");
     c.delete(&vol.volume_id).await;
-    (setup, start.elapsed())
+    down.lap("DeleteVolume");
+    (up.steps, down.steps)
 }
 
 async fn snapshot_rounds(c: &mut Clients, lab: &Lab, rounds: usize) -> Vec<Duration> {
@@ -154,7 +189,30 @@ async fn noop_rpc(c: &mut Clients) -> Duration {
     start.elapsed()
 }
 
-/// Interleaves `rounds` bare and driver rounds and prints the medians and ratios.
+/// Per-step medians of `rounds` (each a list of named steps) and the median of their totals.
+fn medians(rounds: &[Steps]) -> (Steps, Duration) {
+    let steps = (0..rounds[0].len())
+        .map(|k| {
+            (
+                rounds[0][k].0,
+                median(rounds.iter().map(|r| r[k].1).collect()),
+            )
+        })
+        .collect();
+    let total = median(rounds.iter().map(|r| r.iter().map(|s| s.1).sum()).collect());
+    (steps, total)
+}
+
+fn print_steps(who: &str, steps: &Steps) {
+    let list: Vec<String> = steps
+        .iter()
+        .map(|(name, d)| format!("{name} {:.2}", ms(*d)))
+        .collect();
+    println!("    {who:6} {}", list.join(", "));
+}
+
+/// Interleaves `rounds` bare and driver rounds and prints the medians, per step too, and
+/// the ratios, with the floor that the driver's six RPCs alone put under them.
 fn compare(rt: &tokio::runtime::Runtime, c: &mut Clients, lab: &Lab, rounds: usize, what: &str) {
     let (mut bare_up, mut bare_down, mut drv_up, mut drv_down) = (vec![], vec![], vec![], vec![]);
     let mut noops = vec![];
@@ -167,33 +225,36 @@ fn compare(rt: &tokio::runtime::Runtime, c: &mut Clients, lab: &Lab, rounds: usi
         drv_up.push(u);
         drv_down.push(d);
     }
-    let (bu, bd, du, dd) = (
-        median(bare_up),
-        median(bare_down),
-        median(drv_up),
-        median(drv_down),
-    );
-    println!("1 GiB ext4 volume, driver {what}, median of {rounds} interleaved rounds:");
-    println!(
-        "  create+stage+publish    bare {:6.1} ms   driver {:6.1} ms   ratio {:.2}x",
-        ms(bu),
-        ms(du),
-        du.as_secs_f64() / bu.as_secs_f64()
-    );
-    println!(
-        "  unpublish+unstage+delete bare {:5.1} ms   driver {:6.1} ms   ratio {:.2}x",
-        ms(bd),
-        ms(dd),
-        dd.as_secs_f64() / bd.as_secs_f64()
-    );
-    let total = (du + dd).as_secs_f64() / (bu + bd).as_secs_f64();
-    println!("  round trip ratio {total:.2}x (goal <= 1.2x)");
+    println!("1 GiB ext4 volume, driver {what}, median of {rounds} interleaved rounds (ms):");
+    let mut totals = [Duration::ZERO; 2];
+    for (half, bare, driver) in [
+        ("create+stage+publish", &bare_up, &drv_up),
+        ("unpublish+unstage+delete", &bare_down, &drv_down),
+    ] {
+        let (bare_steps, bare_total) = medians(bare);
+        let (driver_steps, driver_total) = medians(driver);
+        println!(
+            "  {half:25} bare {:6.2}   driver {:6.2}   ratio {:.2}x",
+            ms(bare_total),
+            ms(driver_total),
+            driver_total.as_secs_f64() / bare_total.as_secs_f64()
+        );
+        print_steps("bare", &bare_steps);
+        print_steps("driver", &driver_steps);
+        totals[0] += bare_total;
+        totals[1] += driver_total;
+    }
+    let [bare, driver] = totals;
     let noop = median(noops);
     println!(
-        "  no-op RPC {:.2} ms: three per half put the floor at {:.2}x setup, {:.2}x teardown",
+        "  round trip ratio {:.2}x (goal <= 1.2x); driver overhead {:.2} ms",
+        driver.as_secs_f64() / bare.as_secs_f64(),
+        ms(driver.saturating_sub(bare))
+    );
+    println!(
+        "  no-op RPC {:.3} ms: the six RPCs alone put the round trip at {:.2}x",
         ms(noop),
-        (bu + noop * 3).as_secs_f64() / bu.as_secs_f64(),
-        (bd + noop * 3).as_secs_f64() / bd.as_secs_f64()
+        (bare + noop * 6).as_secs_f64() / bare.as_secs_f64()
     );
 }
 
@@ -202,7 +263,13 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(10);
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // A single-threaded client, as a kubelet's gRPC client costs about: a multi-threaded
+    // one doubles a no-op RPC here (its reactor wakes the blocked thread), which is the
+    // client's cost, not the driver's.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let lab = Lab::new(Pool::Xfs(6 * 1024));
     let driver = lab.start(&[]);
     let mut c = rt.block_on(driver.clients());
@@ -223,7 +290,11 @@ fn main() {
         "20 volumes created + staged in parallel: {:.0} ms, {failures} failures (goal: 0)",
         ms(took)
     );
-    drop(c);
+    // The connection's task runs only inside block_on: let it see the client go.
+    rt.block_on(async {
+        drop(c);
+        tokio::task::yield_now().await;
+    });
     assert!(driver.stop(), "clean stop");
 
     // The same rounds with the state files on tmpfs: the driver's own work without the
@@ -235,7 +306,10 @@ fn main() {
     let driver = lab.start_with_state(shm.path(), &[]);
     let mut c = rt.block_on(driver.clients());
     compare(&rt, &mut c, &lab, rounds, "state on tmpfs (no fsync cost)");
-    drop(c);
+    rt.block_on(async {
+        drop(c);
+        tokio::task::yield_now().await;
+    });
     drop(driver);
     lab.assert_clean();
 }

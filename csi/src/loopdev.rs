@@ -36,8 +36,11 @@ const DETACH_WAIT: Duration = Duration::from_secs(10);
 /// How often an attach retries when other attachers keep taking the free device.
 const ATTACH_ATTEMPTS: u32 = 100;
 
-/// A loop device, by number (`/dev/loopN`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A loop device, by number (`/dev/loopN`; its number in state records).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct LoopDevice(pub u32);
 
 impl LoopDevice {
@@ -123,6 +126,11 @@ pub trait LoopDevices: Send + Sync {
     fn refresh_capacity(&self, device: LoopDevice) -> Result<(), LoopDeviceError>;
     /// The device's size in bytes.
     fn size(&self, device: LoopDevice) -> Result<u64, LoopDeviceError>;
+    /// What backs `device`, if it is attached. One device's answer: callers that remember
+    /// their device check it with this rather than listing every device.
+    fn backing(&self, device: LoopDevice) -> Result<Option<Attached>, LoopDeviceError> {
+        Ok(self.list()?.into_iter().find(|a| a.device == device))
+    }
     /// The devices backed by `backing`, in number order.
     fn find(&self, backing: &Path) -> Result<Vec<LoopDevice>, LoopDeviceError> {
         Ok(self
@@ -176,6 +184,7 @@ impl KernelLoopDevices {
         open_rw(&device.path())
     }
 
+    /// The backing file sysfs reports for `device`, raw (with any ` (deleted)` suffix).
     fn backing_of(&self, device: LoopDevice) -> Result<Option<String>, LoopDeviceError> {
         let path = self
             .sys_block
@@ -255,20 +264,24 @@ impl LoopDevices for KernelLoopDevices {
             .filter_map(|line| line.split_whitespace().nth(3))
             .filter_map(LoopDevice::from_name)
         {
-            if let Some(raw) = self.backing_of(device)? {
-                let (path, deleted) = match raw.strip_suffix(" (deleted)") {
-                    Some(p) => (p, true),
-                    None => (raw.as_str(), false),
-                };
-                out.push(Attached {
-                    device,
-                    backing: PathBuf::from(path),
-                    deleted,
-                });
-            }
+            out.extend(self.backing(device)?);
         }
         out.sort_by_key(|a| a.device);
         Ok(out)
+    }
+
+    fn backing(&self, device: LoopDevice) -> Result<Option<Attached>, LoopDeviceError> {
+        Ok(self.backing_of(device)?.map(|raw| {
+            let (path, deleted) = match raw.strip_suffix(" (deleted)") {
+                Some(p) => (p, true),
+                None => (raw.as_str(), false),
+            };
+            Attached {
+                device,
+                backing: PathBuf::from(path),
+                deleted,
+            }
+        }))
     }
 
     fn detach(&self, device: LoopDevice) -> Result<(), LoopDeviceError> {

@@ -7,6 +7,7 @@ use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 
 use crate::mountinfo::{self, MountEntry, MountInfoError};
+use crate::sys;
 
 /// A mount operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +220,18 @@ impl Mounter for KernelMounter {
     fn mounts(&self) -> Result<Vec<MountEntry>, MountError> {
         Ok(mountinfo::read(&self.mountinfo)?)
     }
+
+    /// One statx answers "nothing is mounted here", the common case of every stage and
+    /// publish; mountinfo, whose cost grows with the node's mounts, is read only for a
+    /// mount root (or where the kernel cannot tell).
+    fn mounted_at(&self, target: &Path) -> Result<Option<MountEntry>, MountError> {
+        match sys::is_mount_root(target) {
+            Ok(Some(false)) | Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => Ok(None),
+            Ok(Some(true)) | Ok(None) | Err(_) => {
+                Ok(mountinfo::topmost_at(&self.mounts()?, target).cloned())
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -247,5 +260,40 @@ mod tests {
             let err = MountOptions::parse(&[bad]).unwrap_err();
             assert!(matches!(err, MountError::UnsupportedFlag { ref flag } if flag == bad));
         }
+    }
+
+    /// Needs root (mounts).
+    #[test]
+    fn mounted_at_finds_mount_roots_only() {
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = KernelMounter::default().unmount(&self.0);
+            }
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = std::fs::canonicalize(dir.path()).expect("canonical");
+        let (source, target) = (base.join("source"), base.join("target"));
+        std::fs::create_dir(&source).expect("mkdir");
+        std::fs::create_dir(&target).expect("mkdir");
+        std::fs::write(source.join("file"), b"x").expect("write");
+        let mounter = KernelMounter::default();
+        assert_eq!(mounter.mounted_at(&target).expect("statx"), None);
+        assert_eq!(
+            mounter.mounted_at(&base.join("absent")).expect("statx"),
+            None
+        );
+        mounter
+            .bind(&source, &target, MsFlags::empty())
+            .expect("bind (needs root)");
+        let _guard = Unmount(target.clone());
+        assert_eq!(sys::is_mount_root(&target), Ok(Some(true)));
+        let entry = mounter.mounted_at(&target).expect("read").expect("mounted");
+        assert_eq!(entry.mount_point, target);
+        assert_eq!(
+            mounter.mounted_at(&target.join("file")).expect("statx"),
+            None
+        );
+        assert_eq!(mounter.mounted_at(&source).expect("statx"), None);
     }
 }

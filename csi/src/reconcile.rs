@@ -14,7 +14,9 @@ use crate::error::CsiError;
 use crate::image;
 use crate::loopdev::LoopDevice;
 use crate::mountinfo;
-use crate::state::{AccessRecord, Kind, NodeRecord, Phase, SnapshotRecord, Stored, VolumeRecord};
+use crate::state::{
+    AccessRecord, Kind, NodeRecord, Phase, Publications, SnapshotRecord, Stored, VolumeRecord,
+};
 
 /// What the reconcile changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -116,6 +118,16 @@ impl Driver {
                     d
                 }
             };
+            if rec.loop_device != Some(device) {
+                // Publications keep their own file.
+                let remembered = NodeRecord {
+                    loop_device: Some(device),
+                    publications: Publications::new(),
+                    ..rec.clone()
+                };
+                self.store
+                    .put_volatile(Kind::Node, &rec.volume_id, &remembered)?;
+            }
             if let AccessRecord::Mount {
                 fs_type,
                 mount_flags,

@@ -16,7 +16,7 @@ use crate::fstools::{FsInfo, FsType};
 use crate::ids::VolumeId;
 use crate::loopdev::LoopDevice;
 use crate::mounter::MountOptions;
-use crate::mountinfo::{self, MountEntry};
+use crate::mountinfo::MountEntry;
 use crate::state::{AccessRecord, Kind, NodeRecord, Publication, Publications, StateError, Stored};
 
 use nodekit_proto::csi::v1::volume_capability::access_mode::Mode;
@@ -108,10 +108,31 @@ impl Driver {
             .put_volatile(Kind::Publications, id, publications)?)
     }
 
-    /// The loop device backing `image`, attaching one if none is (`true` when attached now).
-    fn ensure_attached(&self, image: &Path) -> Result<(LoopDevice, bool), CsiError> {
-        if let Some(device) = self.loops.find(image)?.into_iter().next() {
-            return Ok((device, false));
+    /// The loop devices backing a staged volume's image: the one its record remembers while
+    /// that still backs the image (one sysfs read), else every one a listing finds.
+    fn staged_devices(&self, record: &NodeRecord) -> Result<Vec<LoopDevice>, CsiError> {
+        if let Some(device) = record.loop_device {
+            let current = self.loops.backing(device)?;
+            if current.is_some_and(|a| a.backing == record.image && !a.deleted) {
+                return Ok(vec![device]);
+            }
+        }
+        Ok(self.loops.find(&record.image)?)
+    }
+
+    /// The loop device backing `image` (`record`'s when it is staged), attaching one if
+    /// none is (`true` when attached now).
+    fn ensure_attached(
+        &self,
+        image: &Path,
+        record: Option<&NodeRecord>,
+    ) -> Result<(LoopDevice, bool), CsiError> {
+        let found = match record {
+            Some(rec) => self.staged_devices(rec)?,
+            None => self.loops.find(image)?,
+        };
+        if let Some(device) = found.first() {
+            return Ok((*device, false));
         }
         Ok((self.loops.attach(image)?, true))
     }
@@ -166,7 +187,7 @@ impl Driver {
                 )));
             }
         }
-        let (device, attached_now) = self.ensure_attached(&image)?;
+        let (device, attached_now) = self.ensure_attached(&image, existing.as_ref())?;
         let mut undo = DetachOnFailure {
             driver: self,
             device: attached_now.then_some(device),
@@ -218,6 +239,7 @@ impl Driver {
             staging_path: staging.to_path_buf(),
             access,
             access_mode: cap.mode as i32,
+            loop_device: Some(device),
             boot_id: Some(self.boot_id.clone()),
             publications: Publications::new(),
         };
@@ -305,14 +327,13 @@ impl Driver {
             // Not staged here: nothing of ours to undo at this path.
             return Ok(());
         }
-        let mounts = self.mounter.mounts()?;
         if let Some(rec) = &record {
-            let still: Vec<String> = rec
-                .publications
-                .keys()
-                .filter(|t| mountinfo::topmost_at(&mounts, t).is_some())
-                .map(|t| t.display().to_string())
-                .collect();
+            let mut still = Vec::new();
+            for target in rec.publications.keys() {
+                if self.mounter.mounted_at(target)?.is_some() {
+                    still.push(target.display().to_string());
+                }
+            }
             if !still.is_empty() {
                 return Err(CsiError::FailedPrecondition(format!(
                     "volume {id} is still published at {}",
@@ -320,13 +341,20 @@ impl Driver {
                 )));
             }
         }
-        let image = self.volume_image(id);
-        let devices = self.loops.find(&image)?;
-        let staged_fs = mountinfo::topmost_at(&mounts, staging);
-        if devices
-            .iter()
-            .any(|d| staged_fs.is_some_and(|m| is_fs_of(m, *d)))
-        {
+        let devices = match &record {
+            Some(rec) => self.staged_devices(rec)?,
+            None => self.loops.find(&self.volume_image(id))?,
+        };
+        // Staged here by us: whatever is at the staging path is ours (unmounting nothing is
+        // OK). Without a record, only a filesystem of the image's devices is.
+        let ours = match &record {
+            Some(_) => true,
+            None => self
+                .mounter
+                .mounted_at(staging)?
+                .is_some_and(|m| devices.iter().any(|d| is_fs_of(&m, *d))),
+        };
+        if ours {
             self.mounter.unmount(staging)?;
         }
         for device in devices {
@@ -385,8 +413,7 @@ impl Driver {
             readonly,
         };
         let device = self
-            .loops
-            .find(&record.image)?
+            .staged_devices(&record)?
             .into_iter()
             .next()
             .ok_or_else(|| {
@@ -490,7 +517,7 @@ impl Driver {
         record: &NodeRecord,
         required: u64,
     ) -> Result<u64, CsiError> {
-        let devices = self.loops.find(&record.image)?;
+        let devices = self.staged_devices(record)?;
         let device = *devices.first().ok_or_else(|| {
             CsiError::FailedPrecondition(format!("volume {id} is staged but not attached"))
         })?;
@@ -588,7 +615,7 @@ impl Driver {
         if !record.image.exists() {
             return abnormal(format!("image {} is missing", record.image.display()));
         }
-        let Some(device) = self.loops.find(&record.image)?.into_iter().next() else {
+        let Some(device) = self.staged_devices(record)?.into_iter().next() else {
             return abnormal(format!(
                 "image {} is not attached to a loop device",
                 record.image.display()
@@ -981,6 +1008,32 @@ mod tests {
             },
             mode,
         }
+    }
+
+    #[test]
+    fn a_remembered_loop_device_that_now_backs_another_file_is_left_alone() {
+        let rig = Rig::new(Some(FsType::Ext4));
+        let (staging, _) = rig.stage();
+        let image = rig.driver.volume_image(&rig.id);
+        // Behind the driver's back: loop0 now backs another file, the image is on loop1.
+        *rig.loops.attached.lock().expect("lock") = vec![
+            Attached {
+                device: LoopDevice(0),
+                backing: rig.dir.path().join("other.img"),
+                deleted: false,
+            },
+            Attached {
+                device: LoopDevice(1),
+                backing: image,
+                deleted: false,
+            },
+        ];
+        rig.driver.unstage(&rig.id, &staging).expect("unstage");
+        assert_eq!(
+            rig.calls().last().map(String::as_str),
+            Some("detach /dev/loop1")
+        );
+        assert!(!rig.calls().contains(&"detach /dev/loop0".to_string()));
     }
 
     #[test]

@@ -30,6 +30,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::fstools::FsType;
+use crate::loopdev::LoopDevice;
 
 /// A record kind, i.e. a subdirectory of the state directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +188,10 @@ pub struct NodeRecord {
     pub access: AccessRecord,
     /// The CSI access mode it was staged with.
     pub access_mode: i32,
+    /// The loop device it was attached to, checked against its backing file before use
+    /// (found by listing every device when absent or stale).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loop_device: Option<LoopDevice>,
     /// The boot it was staged in (`/proc/sys/kernel/random/boot_id`): a record from another
     /// boot describes a loop device and mounts that the reboot took away. `None` in records
     /// written before boots were recorded.

@@ -1,10 +1,14 @@
-//! The kernel calls nix does not wrap: the loop-device ioctls, FICLONE and FIFREEZE/FITHAW.
+//! The kernel calls nix does not wrap: the loop-device ioctls, FICLONE, FIFREEZE/FITHAW and
+//! statx's mount-root attribute.
 //! The only module of the crate with `unsafe`; each wrapper takes typed, borrowed file
 //! descriptors so callers stay safe.
 
 #![allow(unsafe_code)]
 
+use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 use nix::errno::Errno;
 
@@ -127,4 +131,27 @@ pub fn freeze(dir: impl AsFd) -> Result<(), Errno> {
 pub fn thaw(dir: impl AsFd) -> Result<(), Errno> {
     // SAFETY: FITHAW ignores its argument; the fd is valid for the call.
     unsafe { fithaw_raw(dir.as_fd().as_raw_fd(), 0) }.map(drop)
+}
+
+/// Whether `path` (not followed if a symlink) is the root of a mount: `Some(answer)`, or
+/// `None` where the kernel does not report it (`STATX_ATTR_MOUNT_ROOT`, Linux >= 5.8).
+pub fn is_mount_root(path: &Path) -> Result<Option<bool>, Errno> {
+    let path = CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    let mut buf = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `path` is NUL-terminated and `buf` is a writable `struct statx` that outlives
+    // the call.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+            0,
+            buf.as_mut_ptr(),
+        )
+    };
+    Errno::result(rc)?;
+    // SAFETY: statx succeeded, so the kernel filled `buf` (and it was zeroed before).
+    let stx = unsafe { buf.assume_init() };
+    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    Ok((stx.stx_attributes_mask & bit != 0).then_some(stx.stx_attributes & bit != 0))
 }
