@@ -3,8 +3,9 @@
 //! 1. per 1 GiB ext4 volume, CreateVolume + NodeStageVolume + NodePublishVolume and the
 //!    reverse through the real driver, against the bare sequence (sparse file, loop attach,
 //!    mkfs, mount / umount, detach, remove) timed in the same run (goal: at most 1.2x),
-//!    per step too, with the cost of a no-op RPC (NodeGetCapabilities) on the same
-//!    connection: the floor that the driver's six RPCs add to the bare sequence;
+//!    per step too, and the floor under the driver: the bare sequence plus what publishing
+//!    adds (a bind mount at a target, then its unmount) plus six no-op RPCs
+//!    (NodeGetCapabilities) on the same connection;
 //! 2. CreateSnapshot of a 1 GiB volume holding 256 MiB of data on an xfs pool (reflink;
 //!    goal: under 50 ms);
 //! 3. 20 volumes created and staged in parallel (goal: no loop-device contention failure).
@@ -60,8 +61,9 @@ impl Stopwatch {
     }
 }
 
-/// The bare kernel sequence for one volume: (setup, teardown) steps.
-fn bare_round(lab: &Lab, i: usize) -> (Steps, Steps) {
+/// The bare kernel sequence for one volume: (setup, teardown) steps, and apart from them
+/// what a publish adds to it (a target directory bind-mounted, then unmounted and removed).
+fn bare_round(lab: &Lab, i: usize) -> (Steps, Steps, Steps) {
     let loops = KernelLoopDevices::default();
     let mounter = KernelMounter::default();
     let img = std::fs::canonicalize(lab.pool())
@@ -81,6 +83,16 @@ fn bare_round(lab: &Lab, i: usize) -> (Steps, Steps) {
         .mount_fs(&dev.path(), &mnt, "ext4", &opts)
         .expect("mount");
     up.lap("mount");
+    let target = lab.path().join(format!("bare-target-{i}"));
+    let mut publish = Stopwatch::start();
+    std::fs::create_dir(&target).expect("mkdir target");
+    mounter
+        .bind(&mnt, &target, nix::mount::MsFlags::empty())
+        .expect("bind");
+    publish.lap("bind");
+    mounter.unmount(&target).expect("unbind");
+    std::fs::remove_dir(&target).expect("rmdir target");
+    publish.lap("unbind");
     let mut down = Stopwatch::start();
     mounter.unmount(&mnt).expect("umount");
     down.lap("umount");
@@ -88,7 +100,7 @@ fn bare_round(lab: &Lab, i: usize) -> (Steps, Steps) {
     down.lap("loop detach");
     image::remove(&img).expect("rm");
     down.lap("rm");
-    (up.steps, down.steps)
+    (up.steps, down.steps, publish.steps)
 }
 
 /// The same through the driver: (create, stage, publish) and (unpublish, unstage, delete).
@@ -215,12 +227,13 @@ fn print_steps(who: &str, steps: &Steps) {
 /// the ratios, with the floor that the driver's six RPCs alone put under them.
 fn compare(rt: &tokio::runtime::Runtime, c: &mut Clients, lab: &Lab, rounds: usize, what: &str) {
     let (mut bare_up, mut bare_down, mut drv_up, mut drv_down) = (vec![], vec![], vec![], vec![]);
-    let mut noops = vec![];
+    let (mut noops, mut publishes) = (vec![], vec![]);
     for i in 0..rounds {
         noops.push(rt.block_on(noop_rpc(c)));
-        let (u, d) = bare_round(lab, i);
+        let (u, d, p) = bare_round(lab, i);
         bare_up.push(u);
         bare_down.push(d);
+        publishes.push(p);
         let (u, d) = rt.block_on(driver_round(c, lab, i));
         drv_up.push(u);
         drv_down.push(d);
@@ -251,10 +264,13 @@ fn compare(rt: &tokio::runtime::Runtime, c: &mut Clients, lab: &Lab, rounds: usi
         driver.as_secs_f64() / bare.as_secs_f64(),
         ms(driver.saturating_sub(bare))
     );
+    let (publish_steps, publish) = medians(&publishes);
+    print_steps("bare target", &publish_steps);
     println!(
-        "  no-op RPC {:.3} ms: the six RPCs alone put the round trip at {:.2}x",
+        "  floor: bare + the target's bind and unbind ({:.2}) + six no-op RPCs ({:.3} each) = {:.2}x",
+        ms(publish),
         ms(noop),
-        (bare + noop * 6).as_secs_f64() / bare.as_secs_f64()
+        (bare + publish + noop * 6).as_secs_f64() / bare.as_secs_f64()
     );
 }
 
