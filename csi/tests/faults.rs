@@ -7,7 +7,7 @@ mod common;
 use std::io::Write;
 
 use common::*;
-use nodekit_csi::loopdev::{KernelLoopDevices, LoopDevices};
+use nodekit_csi::loopdev::{KernelLoopDevices, LoopDevice, LoopDevices};
 use nodekit_csi::mounter::{KernelMounter, Mounter};
 use nodekit_proto::csi::v1::volume_capability::access_mode::Mode;
 use nodekit_proto::csi::v1::*;
@@ -83,6 +83,21 @@ async fn a_restart_after_a_crash_restores_staged_volumes_and_drops_orphans() {
         2,
         "both staged volumes re-attached: {log}"
     );
+    // The orphan took a number a staged volume had: the records now name the new devices.
+    for vol in [&fs_vol, &blk_vol] {
+        let record = std::fs::read(lab.state().join(format!("node/{}.json", vol.volume_id)))
+            .expect("node record");
+        let record: serde_json::Value = serde_json::from_slice(&record).expect("json");
+        let device = record["loopDevice"].as_u64().expect("loopDevice") as u32;
+        let backing = loops
+            .backing(LoopDevice(device))
+            .expect("sysfs")
+            .expect("attached");
+        assert!(
+            backing.backing.to_string_lossy().contains(&vol.volume_id),
+            "{record} names {backing:?}"
+        );
+    }
     assert_eq!(
         std::fs::read(fs_staging.join("survives")).expect("re-mounted staging"),
         b"before the crash"
