@@ -1,5 +1,6 @@
 //! The shim's error, and its one mapping to gRPC status codes.
 
+use nodekit_proto::status::message_with_causes;
 use tonic::{Code, Status};
 
 use crate::cgroups::CgroupError;
@@ -165,37 +166,16 @@ impl From<CriError> for Status {
             CriError::Runtime(RuntimeError::Timeout(_)) => Code::DeadlineExceeded,
             _ => Code::Unknown,
         };
-        Status::new(code, with_causes(&e))
+        Status::new(code, message_with_causes(&e))
     }
-}
-
-/// `err`'s message followed by each cause it does not already spell out: a transport error
-/// keeps its reason (a refused connection, an untrusted certificate) only in its sources.
-fn with_causes(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        cause = c.source();
-    }
-    message
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[derive(Debug, thiserror::Error)]
-    #[error("sending request")]
-    struct Transport(#[source] std::io::Error);
-
     #[test]
     fn statuses_carry_the_causes_their_message_leaves_out() {
-        let inner = std::io::Error::other("invalid peer certificate: UnknownIssuer");
         let err = CriError::Image(ImageError::Hosts {
             reference: "r".into(),
             source: crate::image::hosts::HostsError::Read {
@@ -205,10 +185,5 @@ mod tests {
         });
         let status = Status::from(err);
         assert_eq!(status.message().matches("gone").count(), 1, "{status:?}");
-        let chained = with_causes(&Transport(inner));
-        assert_eq!(
-            chained,
-            "sending request: invalid peer certificate: UnknownIssuer"
-        );
     }
 }

@@ -206,7 +206,9 @@ impl OciRuntime {
             cmd.arg("--memory-cgroup").arg(mem);
         }
         for hidden in &self.hidden_mounts {
-            cmd.arg("--hide-mount").arg(hidden.mount_point());
+            cmd.arg("--hide-mount")
+                .arg(hidden.mount_point())
+                .arg(hidden.parent());
         }
         let mut child = cmd
             .stdin(Stdio::null())

@@ -795,7 +795,10 @@ async fn seccomp_profiles_filter_syscalls_and_bad_ones_are_invalid() {
     let deny_mkdir = dir.path().join("deny-mkdir.json");
     std::fs::write(
         &deny_mkdir,
-        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/seccomp-deny-mkdir.json"
+        )),
     )
     .unwrap();
     let mut started = Vec::new();

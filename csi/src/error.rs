@@ -1,6 +1,7 @@
 //! The driver's error and its one mapping to a gRPC status: contract violations carry the
 //! code the CSI spec names for them, failures of the machinery below map by what failed.
 
+use nodekit_proto::status::message_with_causes;
 use tonic::{Code, Status};
 
 use crate::fstools::FsToolError;
@@ -100,24 +101,9 @@ impl CsiError {
     }
 }
 
-/// The full cause chain, for status messages.
-fn chain(err: &CsiError) -> String {
-    let mut msg = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg
-}
-
 impl From<CsiError> for Status {
     fn from(err: CsiError) -> Self {
-        Status::new(err.code(), chain(&err))
+        Status::new(err.code(), message_with_causes(&err))
     }
 }
 

@@ -44,9 +44,16 @@ impl HiddenMount {
         let target = mount_point.as_os_str().as_bytes();
         let (_, parent_id, _) = mounts.iter().rev().find(|m| m.2.as_bytes() == target)?;
         let (_, _, parent) = mounts.iter().find(|m| m.0 == *parent_id)?;
+        Self::new(mount_point, Path::new(OsStr::from_bytes(parent.as_bytes())))
+    }
+
+    /// The mount at `mount_point` sitting on the mount at `parent`, as [`HiddenMount::find`]
+    /// found them earlier (another process hands them on instead of looking again); `None`
+    /// for a path with a NUL byte.
+    pub fn new(mount_point: &Path, parent: &Path) -> Option<Self> {
         Some(Self {
-            mount_point: CString::new(target).ok()?,
-            parent: CString::new(*parent).ok()?,
+            mount_point: CString::new(mount_point.as_os_str().as_bytes()).ok()?,
+            parent: CString::new(parent.as_os_str().as_bytes()).ok()?,
         })
     }
 

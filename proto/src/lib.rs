@@ -1,10 +1,12 @@
 //! Vendored gRPC contracts nodekit speaks with the kubelet and container runtimes, compiled at
-//! build time without protoc (protox + tonic-prost-build), and gRPC over unix sockets.
+//! build time without protoc (protox + tonic-prost-build), gRPC over unix sockets, and status
+//! messages that keep an error's causes.
 //!
 //! Each protocol sits behind a cargo feature so a consumer compiles only the one it needs:
 //! `csi` ([`csi::v1`]), `cri` ([`cri::v1`]), `deviceplugin` ([`deviceplugin::v1beta1`]).
 //! The upstream versions are listed in `proto/README.md`.
 
+pub mod status;
 pub mod uds;
 
 /// Container Storage Interface.

@@ -85,8 +85,9 @@ pub struct MonitorArgs {
     /// The container's memory cgroup directory, read for the OOM-kill counter.
     #[arg(long)]
     pub memory_cgroup: Option<PathBuf>,
-    /// A mount the runtime must not see (crun on hybrid cgroup hosts: the cgroup2 mount).
-    #[arg(long)]
+    /// A mount the runtime must not see (crun on hybrid cgroup hosts: the cgroup2 mount)
+    /// and the mount it sits on, as the shim found them.
+    #[arg(long, num_args = 2, value_names = ["MOUNT_POINT", "PARENT"])]
     pub hide_mount: Vec<PathBuf>,
     /// The attach socket to serve (none: no attach).
     #[arg(long)]
@@ -227,8 +228,8 @@ fn create(args: &MonitorArgs) -> Result<(i32, ContainerIo), MonitorError> {
     let mut cmd = Command::new(&args.runtime);
     let hidden = args
         .hide_mount
-        .iter()
-        .filter_map(|m| HiddenMount::find(m).ok().flatten())
+        .chunks_exact(2)
+        .filter_map(|pair| HiddenMount::new(&pair[0], &pair[1]))
         .collect::<Vec<_>>();
     hide_mounts_in_child(&mut cmd, &hidden);
     cmd.current_dir(&args.bundle)

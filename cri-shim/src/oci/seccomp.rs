@@ -287,7 +287,10 @@ mod tests {
         let file = dir.path().join("deny-mkdir.json");
         std::fs::write(
             &file,
-            r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/seccomp-deny-mkdir.json"
+            )),
         )
         .unwrap();
         let caps = Capabilities::new();
